@@ -1,0 +1,40 @@
+"""The synchronous engine: copy on demand, in the caller's stream, nothing cached."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+
+class Engine(Protocol):
+    """What the fetch op asks at run time.
+
+    `key` identifies one offloaded weight (the address of its first payload tensor); an engine
+    may use it to find a prefetched copy. `payload` is the weight's inner tensors on the offload
+    device; the result must equal them, copied to `device`, and must not be held by the engine.
+    """
+
+    def fetch(self, key: int, payload: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]: ...
+
+
+class SynchronousEngine:
+    """Copies each payload tensor to the compute device when it is asked for."""
+
+    def fetch(self, key: int, payload: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        # copy=True: when the offload device is the compute device (a copying test backend), the
+        # result must still be a fresh tensor, never the payload itself.
+        return [t.to(device, copy=True) for t in payload]
+
+
+class RecordingEngine(SynchronousEngine):
+    """A synchronous engine that records the key of every fetch, in run-time order (for tests and
+    the compile checker)."""
+
+    def __init__(self) -> None:
+        self.keys: list[int] = []
+
+    def fetch(self, key: int, payload: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        self.keys.append(key)
+        return super().fetch(key, payload, device)

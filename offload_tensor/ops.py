@@ -1,0 +1,65 @@
+"""The registered custom op that materializes an offloaded weight, and the engine registry it asks.
+
+Invariant: `offload_tensor::fetch(payload, after, device)` returns `payload` copied to `device`. It
+is a pure function of its inputs; which engine serves it (and whether the copy was prefetched) is
+invisible to the compiler and never changes the result.
+
+[Note: fetch hands over ownership]
+Inductor treats the op's outputs as buffers of its own and may reuse their memory for later
+kernels once the weight is dead. So an engine must hand over tensors that nobody else keeps
+(pop a prefetched entry, never return a view of a cache or the payload itself); the op never
+returns an alias of its inputs.
+
+[Note: fetch order]
+Inductor may reorder independent calls and drops calls whose results are unused, so the engine
+looks weights up by key, never by call order or count. To keep a fetch from being hoisted to the
+top of a graph (which would make every weight resident at once), the op takes `after`: the
+activation the weight is about to meet. That data dependency pins each fetch behind the compute
+that produced its input, so fetches run in execution order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from offload_tensor.engine import Engine, SynchronousEngine
+
+# key (address of a weight's first payload tensor) -> the engine of the model that owns it.
+# A key that is not registered is served by the synchronous engine: correct, just not prefetched.
+_engines: dict[int, Engine] = {}
+_synchronous = SynchronousEngine()
+
+
+class FetchStats:
+    """Run-time count of fetch calls (eager and compiled), read by `compile_rules.check`."""
+
+    calls = 0
+
+
+def payload_key(payload: Sequence[torch.Tensor]) -> int:
+    return payload[0].data_ptr()
+
+
+def register_engine(keys: Iterable[int], engine: Engine) -> None:
+    for key in keys:
+        _engines[key] = engine
+
+
+def unregister_engine(keys: Iterable[int]) -> None:
+    for key in keys:
+        _engines.pop(key, None)
+
+
+@torch.library.custom_op("offload_tensor::fetch", mutates_args=())
+def fetch(payload: list[torch.Tensor], after: torch.Tensor | None, device: torch.device) -> list[torch.Tensor]:
+    """Copy an offloaded weight's payload tensors to `device` (see the notes above)."""
+    FetchStats.calls += 1
+    key = payload_key(payload)
+    return _engines.get(key, _synchronous).fetch(key, payload, device)
+
+
+@fetch.register_fake
+def _(payload: list[torch.Tensor], after: torch.Tensor | None, device: torch.device) -> list[torch.Tensor]:
+    return [torch.empty_like(t, device=device) for t in payload]

@@ -1,0 +1,178 @@
+"""OffloadedTensor: a weight that reports where and how the model computes, stored elsewhere.
+
+Invariant: the wrapper's shape, dtype and device are what the model computes with (so
+`model.dtype`, `param.device` and dtype checks stay right); its payload stays on the offload
+device and reaches the compute device only through `offload_tensor::fetch`. Every op that meets
+the wrapper is handled by the row of `compile_rules` that names it.
+
+`__tensor_flatten__` exposes the payload's inner tensors as the wrapper's own and a context of
+per-type constants only (payload kind, compute dtype and device, whether fetching is needed):
+dynamo guards on the context, so per-weight identity there would recompile every repeated block.
+Identity travels as data: the engine keys on the payload's address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch.utils._python_dispatch import return_and_correct_aliasing
+from torch.utils._pytree import tree_map_only
+
+from compile_rules.table import ATEN_RULES, TORCH_FUNCTION_RULES, Rule, aten_rule, mutates
+from offload_tensor.payloads import PayloadKind
+
+_DisableTorchFunctionSubclass = torch._C.DisableTorchFunctionSubclass
+
+
+class RefusedOpError(RuntimeError):
+    """An op would change an offloaded weight in a way offload_tensor does not carry out."""
+
+
+class OffloadedTensor(torch.Tensor):
+    _inner: tuple[torch.Tensor, ...]
+    _kind: PayloadKind
+    _compute_dtype: torch.dtype
+    _compute_device: torch.device
+    _fetches: bool
+
+    @staticmethod
+    def __new__(
+        cls,
+        inner: tuple[torch.Tensor, ...],
+        kind: PayloadKind,
+        compute_dtype: torch.dtype,
+        compute_device: torch.device,
+        fetches: bool,
+        outer_size=None,
+        outer_stride=None,
+    ):
+        ref = inner[0]
+        self = torch.Tensor._make_wrapper_subclass(
+            cls,
+            ref.shape if outer_size is None else outer_size,
+            strides=ref.stride() if outer_stride is None else outer_stride,
+            dtype=compute_dtype,
+            device=compute_device,
+            requires_grad=False,
+        )
+        self._inner = tuple(inner)
+        for name, t in zip(kind.inner_names, inner, strict=True):
+            setattr(self, name, t)
+        self._kind = kind
+        self._compute_dtype = compute_dtype
+        self._compute_device = compute_device
+        self._fetches = fetches
+        return self
+
+    # -- tracing ----------------------------------------------------------------------------
+    def __tensor_flatten__(self):
+        return list(self._kind.inner_names), (self._kind, self._compute_dtype, self._compute_device, self._fetches)
+
+    @staticmethod
+    def __tensor_unflatten__(inner_tensors, ctx, outer_size, outer_stride):
+        kind, dtype, device, fetches = ctx
+        inner = tuple(inner_tensors[name] for name in kind.inner_names)
+        return OffloadedTensor(inner, kind, dtype, device, fetches, outer_size, outer_stride)
+
+    def _stable_hash_for_caching(self) -> str:
+        # AOTAutograd's cache key: metadata only, never values or addresses.
+        parts = [repr(self._kind), str(self._compute_dtype), str(self._compute_device), str(self._fetches)]
+        parts += [f"{t.shape}/{t.stride()}/{t.dtype}/{t.device}" for t in self._inner]
+        return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
+
+    def __repr__(self) -> str:
+        where = self._inner[0].device
+        return (
+            f"OffloadedTensor(shape={tuple(self.shape)}, dtype={self._compute_dtype}, "
+            f"device={self._compute_device}, payload={self._kind.name} on {where})"
+        )
+
+    # -- the payload ------------------------------------------------------------------------
+    @property
+    def payload_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._inner)
+
+    def materialize(self, after: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight as a plain tensor on the compute device, in the compute dtype.
+
+        Zero-copy when no fetch is needed and the payload is plain. `after` is the activation the
+        weight is about to meet (see [Note: fetch order] in ops.py).
+        """
+        inner = self._inner
+        if self._fetches:
+            inner = tuple(torch.ops.offload_tensor.fetch(list(inner), after, self._compute_device))
+        return self._kind.decode(inner, self._compute_dtype)
+
+    def _with_inner(self, inner: tuple[torch.Tensor, ...]) -> OffloadedTensor:
+        return OffloadedTensor(
+            inner, self._kind, self._compute_dtype, self._compute_device, self._fetches, self.shape, self.stride()
+        )
+
+    # -- torch function: catch F.linear & co. before they decompose --------------------------
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        rule = TORCH_FUNCTION_RULES.get(func)
+        if rule is None:
+            with _DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        if rule is Rule.REFUSE:
+            raise RefusedOpError(_refusal(func, args))
+        after = _first_plain_tensor(args)
+        args = tuple(a.materialize(after) if isinstance(a, OffloadedTensor) else a for a in args)
+        if kwargs:
+            kwargs = {k: v.materialize(after) if isinstance(v, OffloadedTensor) else v for k, v in kwargs.items()}
+            return func(*args, **kwargs)
+        return func(*args)
+
+    # -- torch dispatch: everything else, by the aten rows ----------------------------------
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        rule = aten_rule(func)
+        if rule is Rule.ALIAS:
+            out = args[0]._with_inner(args[0]._inner)
+            return return_and_correct_aliasing(func, args, kwargs, out)
+        if rule is Rule.CLONE:
+            return args[0]._with_inner(tuple(t.clone() for t in args[0]._inner))
+        if rule is Rule.METADATA:
+            return func(*tree_map_only(OffloadedTensor, _empty_like, args), **tree_map_only(OffloadedTensor, _empty_like, kwargs))
+        written = [args[i] for i in mutates(func) if i < len(args) and isinstance(args[i], OffloadedTensor)]
+        if written:
+            if rule is Rule.WRITE_THROUGH:
+                dst, src = args[0], args[1]
+                if isinstance(src, OffloadedTensor):
+                    src = src.materialize()
+                with torch.no_grad():
+                    dst._kind.write(dst._inner, src)
+                return dst
+            raise RefusedOpError(_refusal(func, args))
+        after = _first_plain_tensor(args)
+        materialize = lambda t: t.materialize(after)  # noqa: E731
+        return func(*tree_map_only(OffloadedTensor, materialize, args), **tree_map_only(OffloadedTensor, materialize, kwargs))
+
+
+def _first_plain_tensor(args) -> torch.Tensor | None:
+    for a in args:
+        if isinstance(a, torch.Tensor) and not isinstance(a, OffloadedTensor):
+            return a
+    return None
+
+
+def _empty_like(t: OffloadedTensor) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t._compute_dtype, device=t._compute_device)
+
+
+def _refusal(func, args) -> str:
+    name = getattr(func, "__qualname__", None) or str(func)
+    if func == torch.Tensor.data.__set__:
+        name = "setting .data"
+    return (
+        f"{name} would change an offloaded weight ({args[0]!r}) in place; offload_tensor only writes "
+        "weights through copy_ (as load_state_dict does), and moves them itself. Make the change before "
+        "wrap_model_for_offload, or call unwrap_model first. If an offloading hook (accelerate, diffusers "
+        "enable_group_offload) did this, do not combine it with offload_tensor."
+    )
+
+
+__all__ = ["OffloadedTensor", "RefusedOpError", "ATEN_RULES"]

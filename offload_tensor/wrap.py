@@ -1,0 +1,338 @@
+"""wrap_model_for_offload / unwrap_model: validate everything first, then mutate.
+
+Invariant: a model is either untouched or completely wrapped. Every check (arguments, hooks of
+other offloaders, meta or unsupported weights) runs before the first change, and the new
+parameters are all built before any is assigned, so an error leaves nothing half-wrapped.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from offload_tensor import ops
+from offload_tensor.engine import Engine, SynchronousEngine
+from offload_tensor.payloads import FLOAT8_DTYPES, kind_for
+from offload_tensor.tensor import OffloadedTensor
+
+log = logging.getLogger("offload_tensor")
+
+_FOREIGN_DIFFUSERS_HOOKS = (
+    "group_offloading",
+    "lazy_prefetch_group_offloading",
+    "layer_execution_tracker",
+    "layerwise_casting",
+)
+
+
+@dataclass
+class OffloadState:
+    """What wrapping changed, kept on the root module so unwrap_model can undo exactly that."""
+
+    compute_device: torch.device
+    offload_device: torch.device
+    storage_dtype: torch.dtype | None
+    prefetch: int
+    pin_memory: bool
+    engine: Engine
+    keys: list[int]
+    # parameter id -> (device, requires_grad) before wrapping
+    originals: dict[int, tuple[torch.device, bool]]
+    # (module, buffer name) -> device before wrapping
+    buffer_devices: dict[tuple[nn.Module, str], torch.device]
+    hook_handles: list = field(default_factory=list)
+
+
+def named_parameter_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    """Every place a parameter is held: (qualified name, owning module, attribute, parameter).
+    Tied parameters appear once per place."""
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, param in module._parameters.items():
+            if param is not None:
+                yield (f"{module_name}.{name}" if module_name else name), module, name, param
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    return isinstance(model.__dict__.get("_offload_state"), OffloadState)
+
+
+def wrap_model_for_offload(
+    model: nn.Module,
+    *,
+    device: str | torch.device | None = None,
+    offload: str | torch.device = "cpu",
+    storage_dtype: torch.dtype | None = None,
+    fp8_scale: str = "channel",
+    prefetch: int = 1,
+    pin_memory: bool = True,
+    engine: Engine | None = None,
+) -> nn.Module:
+    """Replace every parameter of `model` by an `OffloadedTensor`, in place, and return `model`.
+
+    Args:
+        device: the compute device; `None` means CUDA when available, else the CPU (logged once).
+        offload: where the weights live between uses ("cpu").
+        storage_dtype: `torch.float8_e4m3fn` or `torch.float8_e5m2` stores matrices and conv
+            kernels in fp8 with a float32 scale, dequantized on fetch; biases, norms and other 1-d
+            weights keep their dtype. The exposed dtype stays the compute dtype.
+        fp8_scale: "channel" (one scale per output channel) or "tensor" (one per weight).
+        prefetch: how many groups the streaming engine fetches ahead (0: none).
+        pin_memory: keep host payloads in pinned memory for the streaming engine's asynchronous
+            copies; the synchronous engine copies from pageable memory either way.
+        engine: who serves fetches. By default the synchronous engine, and no fetch at all when
+            the offload device is the compute device (zero-copy). An explicit engine serves every
+            fetch, even on the same device (tests, tracing).
+
+    Example:
+        >>> model = wrap_model_for_offload(model, device="cuda", storage_dtype=torch.float8_e4m3fn)
+        >>> model.compile_repeated_blocks(fullgraph=True)
+        >>> print(offload_report(model))
+    """
+    # -- validate: nothing below this block may fail after the first mutation ---------------
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"wrap_model_for_offload expects an nn.Module, got {type(model).__name__}.")
+    compute_device = _compute_device(device)
+    offload_device = _offload_device(offload)
+    if storage_dtype is not None and storage_dtype not in FLOAT8_DTYPES:
+        raise ValueError(
+            f"storage_dtype={storage_dtype} is not supported; use torch.float8_e4m3fn, torch.float8_e5m2 "
+            "or None (keep the weights' own dtype)."
+        )
+    if fp8_scale not in ("channel", "tensor"):
+        raise ValueError(f"fp8_scale={fp8_scale!r} is not supported; use 'channel' or 'tensor'.")
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+        raise ValueError(f"prefetch={prefetch!r} must be an int >= 0 (the number of groups fetched ahead).")
+    if not isinstance(pin_memory, bool):
+        raise ValueError(f"pin_memory={pin_memory!r} must be True or False.")
+    if is_wrapped(model):
+        raise ValueError(
+            f"{type(model).__name__} is already wrapped by offload_tensor; call unwrap_model(model) before "
+            "wrapping it again with other settings."
+        )
+    _check_no_foreign_offloading(model)
+    slots = list(named_parameter_slots(model))
+    for qualname, _, _, param in slots:
+        _check_parameter(qualname, param)
+
+    # -- build: new parameters and buffer copies, nothing assigned yet ---------------------
+    fetches = engine is not None or offload_device != compute_device
+    engine = engine if engine is not None else SynchronousEngine()
+    per_channel = fp8_scale == "channel"
+    wrapped: dict[int, nn.Parameter] = {}
+    originals: dict[int, tuple[torch.device, bool]] = {}
+    for _, _, _, param in slots:
+        if id(param) in wrapped:
+            continue  # tied
+        kind = kind_for(param, storage_dtype, per_channel)
+        inner = tuple(t.to(offload_device) for t in kind.encode(param.detach()))
+        tensor = OffloadedTensor(inner, kind, param.dtype, compute_device, fetches)
+        wrapped[id(param)] = nn.Parameter(tensor, requires_grad=False)
+        originals[id(wrapped[id(param)])] = (param.device, param.requires_grad)
+    buffers = [
+        (module, name, buf, buf.to(compute_device))
+        for module in model.modules()
+        for name, buf in module._buffers.items()
+        if buf is not None
+    ]
+
+    # -- mutate ------------------------------------------------------------------------------
+    keys = [ops.payload_key(p._inner) for p in wrapped.values()] if fetches else []
+    state = OffloadState(
+        compute_device=compute_device,
+        offload_device=offload_device,
+        storage_dtype=storage_dtype,
+        prefetch=prefetch,
+        pin_memory=pin_memory,
+        engine=engine,
+        keys=keys,
+        originals=originals,
+        buffer_devices={(module, name): buf.device for module, name, buf, _ in buffers},
+    )
+    for _, module, name, param in slots:
+        module._parameters[name] = wrapped[id(param)]
+    for module, name, _, moved in buffers:
+        module._buffers[name] = moved
+    dtypes = tuple({p.dtype for p in wrapped.values() if p.is_floating_point()} | {torch.float32})
+    for module in model.modules():
+        # An instance attribute shadows nn.Module._apply for .to()/.half()/.cuda() on this module.
+        module.__dict__["_apply"] = functools.partial(_guarded_apply, module, dtypes, compute_device)
+        if any(isinstance(p, OffloadedTensor) for p in module._parameters.values()):
+            state.hook_handles.append(module.register_state_dict_post_hook(_plain_state_dict))
+    ops.register_engine(keys, engine)
+    model.__dict__["_offload_state"] = state
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Give `model` plain `nn.Parameter`s back on their original devices, in place.
+
+    Plain payloads come back bit-exact (the same storage when the device did not change); fp8
+    payloads come back dequantized, i.e. the values the model computed with.
+
+    Example:
+        >>> unwrap_model(wrap_model_for_offload(model)).state_dict()  # equal to the original
+    """
+    state = _state(model, "unwrap_model")
+    plain: dict[int, nn.Parameter] = {}
+    slots = list(named_parameter_slots(model))
+    for _, _, _, param in slots:
+        if id(param) in plain or not isinstance(param, OffloadedTensor):
+            continue
+        orig_device, requires_grad = state.originals[id(param)]
+        value = param._kind.decode(param._inner, param._compute_dtype).to(orig_device)
+        plain[id(param)] = nn.Parameter(value, requires_grad=requires_grad)
+    for _, module, name, param in slots:
+        if id(param) in plain:
+            module._parameters[name] = plain[id(param)]
+    for (module, name), device in state.buffer_devices.items():
+        if module._buffers.get(name) is not None:
+            module._buffers[name] = module._buffers[name].to(device)
+    for module in model.modules():
+        module.__dict__.pop("_apply", None)
+    for handle in state.hook_handles:
+        handle.remove()
+    ops.unregister_engine(state.keys)
+    del model.__dict__["_offload_state"]
+    return model
+
+
+def _state(model: nn.Module, caller: str) -> OffloadState:
+    if not is_wrapped(model):
+        raise ValueError(
+            f"{caller}: {type(model).__name__} is not wrapped by offload_tensor (never wrapped, or already "
+            "unwrapped); call wrap_model_for_offload(model) first."
+        )
+    return model.__dict__["_offload_state"]
+
+
+_announced_cpu = False
+
+
+def _compute_device(device: str | torch.device | None) -> torch.device:
+    global _announced_cpu
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if not _announced_cpu:
+            _announced_cpu = True
+            log.info("offload_tensor: CUDA is not available; computing on the CPU (pass device= to choose).")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device; use 'cuda', 'cuda:N' or 'cpu'.") from e
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} asks for CUDA, which is not available here; use device='cpu' or None.")
+        return torch.device("cuda", torch.cuda.current_device() if resolved.index is None else resolved.index)
+    if resolved.type != "cpu":
+        raise ValueError(f"device={device!r}: offload_tensor computes on 'cuda' or 'cpu'.")
+    return resolved
+
+
+def _offload_device(offload: str | torch.device) -> torch.device:
+    if isinstance(offload, torch.device):
+        resolved = offload
+    elif isinstance(offload, (str, os.PathLike)) and (os.sep in os.fspath(offload) or os.path.isdir(offload)):
+        raise ValueError(
+            f"offload={os.fspath(offload)!r} names a folder: the disk tier comes with the streaming engine and "
+            "is not available yet; use offload='cpu'."
+        )
+    else:
+        try:
+            resolved = torch.device(offload)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"offload={offload!r} is not understood; use offload='cpu'.") from e
+    if resolved.type != "cpu":
+        raise ValueError(f"offload={offload!r}: weights are offloaded to 'cpu' (the host); got {resolved}.")
+    return torch.device("cpu")
+
+
+def _check_no_foreign_offloading(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        where = name or type(model).__name__
+        if getattr(module, "_hf_hook", None) is not None:
+            raise ValueError(
+                f"{where} carries an accelerate hook (enable_model_cpu_offload, enable_sequential_cpu_offload, "
+                "cpu_offload or device_map offloading), which moves weights itself; remove it "
+                "(accelerate.hooks.remove_hook_from_module(model, recurse=True), or load without device_map) "
+                "before wrap_model_for_offload."
+            )
+        registry = getattr(module, "_diffusers_hook", None)
+        foreign = [h for h in getattr(registry, "hooks", {}) if h in _FOREIGN_DIFFUSERS_HOOKS]
+        if foreign:
+            raise ValueError(
+                f"{where} carries diffusers hooks {foreign} (enable_group_offload or enable_layerwise_casting), "
+                "which move or cast weights themselves; remove them (model.disable_group_offload(), or reload the "
+                "model) before wrap_model_for_offload, which replaces them."
+            )
+
+
+def _check_parameter(qualname: str, param: torch.Tensor) -> None:
+    if isinstance(param, OffloadedTensor):
+        raise ValueError(
+            f"{qualname} is already an OffloadedTensor (this module is part of a wrapped model); wrap a model "
+            "once, from its root, or unwrap_model the outer model first."
+        )
+    if type(param) is not nn.Parameter or type(param.data) is not torch.Tensor:
+        kind = type(param) if type(param) is not nn.Parameter else type(param.data)
+        raise TypeError(
+            f"{qualname} is a {kind.__module__}.{kind.__qualname__}; offload_tensor supports plain weights, "
+            "stored as they are or in fp8 (storage_dtype=). Load the model without that quantization backend."
+        )
+    if param.is_meta:
+        raise ValueError(
+            f"{qualname} is on the meta device (the model was created without weights, e.g. under "
+            "init_empty_weights or low_cpu_mem_usage); load its weights before wrap_model_for_offload."
+        )
+
+
+def _guarded_apply(module: nn.Module, dtypes: tuple[torch.dtype, ...], device: torch.device, fn, recurse=True):
+    """nn.Module._apply for a wrapped module (`.to()`, `.half()`, `.cuda()`, ...).
+
+    Offloaded weights are never passed to `fn`: a device move is ignored with a warning (the
+    weights are fetched to the compute device anyway), a dtype change is refused (it would be
+    lost on the payload, or silently unwrap the weights). Buffers follow `fn` as usual.
+    """
+    for dtype in dtypes:
+        probe = torch.empty(0, dtype=dtype, device=device)
+        try:
+            moved = fn(probe)
+        except RuntimeError:  # e.g. .cuda() on a machine without CUDA
+            moved = torch.empty(0, dtype=dtype, device="meta")
+        if moved.dtype != dtype:
+            raise RuntimeError(
+                f"{type(module).__name__} is wrapped by offload_tensor; changing its dtype ({dtype} -> {moved.dtype}) "
+                "after wrapping is not supported. Call unwrap_model(model), convert, and wrap again, or use "
+                "storage_dtype= to store the weights in fp8."
+            )
+        if moved.device != device:
+            warnings.warn(
+                f"{type(module).__name__}.to({moved.device}) ignored: its weights are managed by offload_tensor, "
+                f"which computes on {device}. To change the compute device, unwrap_model(model) and wrap again "
+                "with device=.",
+                stacklevel=4,
+            )
+            return module
+    if recurse:
+        for child in module.children():
+            child._apply(fn)
+    for name, buf in module._buffers.items():
+        if buf is not None:
+            module._buffers[name] = fn(buf)
+    return module
+
+
+def _plain_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    # Hands out plain tensors (the payload, or its dequantized value) on the offload device, so
+    # safetensors can save them and a plain model can load them.
+    for name, param in module._parameters.items():
+        if isinstance(param, OffloadedTensor) and prefix + name in state_dict:
+            state_dict[prefix + name] = param._kind.decode(param._inner, param._compute_dtype).detach()
