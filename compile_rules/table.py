@@ -79,11 +79,11 @@ ATEN_RULES: dict[torch._ops.OpOverloadPacket, Rule] = {
     aten.new_ones: Rule.METADATA,
     aten.new_full: Rule.METADATA,
     # compute ops that meet weights in models (norm scales, decomposed linears, casts, views):
-    # listed so that their rule is a decision, not a default.
+    # listed so that their rule is a decision, not a default. (Composite ops such as reshape,
+    # matmul or allclose never reach the dispatcher: they arrive decomposed into these.)
     aten._to_copy: Rule.MATERIALIZE,
     aten.t: Rule.MATERIALIZE,
     aten.view: Rule.MATERIALIZE,
-    aten.reshape: Rule.MATERIALIZE,
     aten.unsqueeze: Rule.MATERIALIZE,
     aten.expand: Rule.MATERIALIZE,
     aten.slice: Rule.MATERIALIZE,
@@ -91,7 +91,6 @@ ATEN_RULES: dict[torch._ops.OpOverloadPacket, Rule] = {
     aten.addmm: Rule.MATERIALIZE,
     aten.mm: Rule.MATERIALIZE,
     aten.bmm: Rule.MATERIALIZE,
-    aten.matmul: Rule.MATERIALIZE,
     aten.add: Rule.MATERIALIZE,
     aten.sub: Rule.MATERIALIZE,
     aten.mul: Rule.MATERIALIZE,
@@ -99,7 +98,6 @@ ATEN_RULES: dict[torch._ops.OpOverloadPacket, Rule] = {
     aten.cat: Rule.MATERIALIZE,
     aten.stack: Rule.MATERIALIZE,
     aten.equal: Rule.MATERIALIZE,
-    aten.allclose: Rule.MATERIALIZE,
     # other in-place ops (initializers, arithmetic): refused by name so the message is specific
     aten.fill_: Rule.REFUSE,
     aten.zero_: Rule.REFUSE,

@@ -1,0 +1,242 @@
+"""wrap_model_for_offload / unwrap_model: state round trips, and every bad input of DESIGN.md
+section 6 that applies before the streaming engine: a clear error, raised before anything changes."""
+
+import logging
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models import CASES, output
+from offload_tensor import (
+    OffloadedTensor,
+    RefusedOpError,
+    is_wrapped,
+    offload_report,
+    unwrap_model,
+    wrap_model_for_offload,
+)
+
+FLUX = CASES[0]
+
+
+def _snapshot(model):
+    """Identity and value of every parameter and buffer, to prove an error changed nothing."""
+    return (
+        [(n, p, p.detach().clone()) for n, p in model.named_parameters(remove_duplicate=False)],
+        [(n, b) for n, b in model.named_buffers()],
+        dict(model.__dict__),
+    )
+
+
+def _assert_unchanged(model, snapshot):
+    params, buffers, attrs = snapshot
+    now = list(model.named_parameters(remove_duplicate=False))
+    assert [n for n, _ in now] == [n for n, _, _ in params]
+    for (_, p), (_, p0, v0) in zip(now, params):
+        assert p is p0 and type(p) is nn.Parameter and (p.is_meta or torch.equal(p, v0))
+    assert [(n, b) for n, b in model.named_buffers()] == buffers
+    assert dict(model.__dict__) == attrs and not is_wrapped(model)
+
+
+# -- round trips ----------------------------------------------------------------------------
+def test_unwrap_gives_back_the_original_state_dict_bit_exact():
+    model = FLUX.make()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    wrap_model_for_offload(model)
+    assert all(isinstance(p, OffloadedTensor) and not p.requires_grad for p in model.parameters())
+    unwrap_model(model)
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == requires_grad
+    state = model.state_dict()
+    assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in original)
+
+
+def test_wrapped_state_dict_loads_into_a_plain_model_and_saves_with_safetensors(tmp_path):
+    model = wrap_model_for_offload(FLUX.make(), storage_dtype=torch.float8_e4m3fn)
+    with torch.no_grad():
+        expected = output(model(**FLUX.inputs(1)))
+    state = model.state_dict()
+    assert all(type(v) is torch.Tensor for v in state.values())
+    save_file(state, tmp_path / "w.safetensors")
+    plain = FLUX.make()
+    plain.load_state_dict(load_file(tmp_path / "w.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(output(plain(**FLUX.inputs(1))), expected)
+
+
+@pytest.mark.parametrize("storage_dtype", [None, torch.float8_e4m3fn])
+def test_load_state_dict_writes_through_to_the_payload(storage_dtype):
+    source = FLUX.make()
+    torch.manual_seed(1)
+    for p in source.parameters():
+        p.data.normal_()
+    target = wrap_model_for_offload(FLUX.make(), storage_dtype=storage_dtype)
+    target.load_state_dict(source.state_dict())
+    expected = wrap_model_for_offload(source, storage_dtype=storage_dtype)
+    with torch.no_grad():
+        assert torch.equal(output(target(**FLUX.inputs(0))), output(expected(**FLUX.inputs(0))))
+
+
+def test_tied_weights_stay_tied():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10, bias=False))
+    model[1].weight = model[0].weight
+    wrap_model_for_offload(model)
+    assert model[1].weight is model[0].weight
+    assert len(list(model.parameters())) == 1
+    unwrap_model(model)
+    assert model[1].weight is model[0].weight
+
+
+def test_report_counts_every_payload_byte_once():
+    model = FLUX.make()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    report = offload_report(wrap_model_for_offload(model))
+    assert report.by_kind["plain"] == weight_bytes
+    assert report.resident_bytes == weight_bytes + buffer_bytes and report.offloaded_bytes == 0
+    assert report.summary.startswith("loaded completely:") and "MB" in str(report)
+
+
+def test_no_cuda_says_so_once(caplog):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    import offload_tensor.wrap as wrap
+
+    wrap._announced_cpu = False
+    with caplog.at_level(logging.INFO, logger="offload_tensor"):
+        wrap_model_for_offload(nn.Linear(2, 2))
+        wrap_model_for_offload(nn.Linear(2, 2))
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "CUDA is not available" in caplog.records[0].message
+
+
+# -- bad input: refused before anything changes --------------------------------------------
+BAD_ARGUMENTS = [
+    (dict(storage_dtype=torch.int8), ValueError, "storage_dtype"),
+    (dict(fp8_scale="row"), ValueError, "fp8_scale"),
+    (dict(prefetch=-1), ValueError, "prefetch"),
+    (dict(prefetch=1.5), ValueError, "prefetch"),
+    (dict(pin_memory="yes"), ValueError, "pin_memory"),
+    (dict(offload="/tmp/weights"), ValueError, "disk tier"),
+    (dict(offload="mps"), ValueError, "offload"),
+    (dict(device="tpu"), ValueError, "device"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,match", BAD_ARGUMENTS, ids=[next(iter(k)) + str(i) for i, (k, _, _) in enumerate(BAD_ARGUMENTS)])
+def test_bad_arguments_are_refused_before_any_change(kwargs, error, match):
+    model = FLUX.make()
+    snapshot = _snapshot(model)
+    with pytest.raises(error, match=match):
+        wrap_model_for_offload(model, **kwargs)
+    _assert_unchanged(model, snapshot)
+
+
+def test_cuda_requested_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    model = FLUX.make()
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="CUDA, which is not available"):
+        wrap_model_for_offload(model, device="cuda")
+    _assert_unchanged(model, snapshot)
+
+
+def test_meta_weights_are_refused():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[0] = nn.Linear(4, 4)  # half real, half meta: still nothing may change
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match=r"1\.weight is on the meta device"):
+        wrap_model_for_offload(model)
+    _assert_unchanged(model, snapshot)
+
+
+def test_unsupported_weight_subclass_is_a_type_error_naming_it():
+    class Params4bit(nn.Parameter):  # the shape of bitsandbytes' parameter class
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = Params4bit(torch.randn(4, 4))
+    snapshot_params = list(model.parameters())
+    with pytest.raises(TypeError, match=r"1\.weight is a .*Params4bit; offload_tensor supports"):
+        wrap_model_for_offload(model)
+    assert list(model.parameters()) == snapshot_params and not is_wrapped(model)
+
+
+def test_model_under_accelerate_hooks_is_refused():
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = FLUX.make()
+    add_hook_to_module(model.transformer_blocks[0], ModelHook())
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="transformer_blocks.0 carries an accelerate hook"):
+        wrap_model_for_offload(model)
+    _assert_unchanged(model, snapshot)
+
+
+def test_model_under_diffusers_group_offloading_is_refused():
+    model = FLUX.make()
+    model.enable_group_offload(torch.device("cpu"), offload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="group_offloading"):
+        wrap_model_for_offload(model)
+    _assert_unchanged(model, snapshot)
+
+
+def test_group_offloading_after_wrapping_is_refused():
+    model = wrap_model_for_offload(FLUX.make())
+    with pytest.raises(RefusedOpError, match="do not combine it with offload_tensor"):
+        model.enable_group_offload(torch.device("cpu"), offload_device=torch.device("cpu"), offload_type="leaf_level")
+        with torch.no_grad():
+            model(**FLUX.inputs(0))
+
+
+def test_wrapping_a_block_of_a_wrapped_model_is_refused():
+    model = wrap_model_for_offload(FLUX.make())
+    with pytest.raises(ValueError, match="already an OffloadedTensor"):
+        wrap_model_for_offload(model.transformer_blocks[0])
+
+
+def test_dtype_change_after_wrapping_is_refused_and_device_move_is_a_noop():
+    model = wrap_model_for_offload(FLUX.make())
+    params = list(model.parameters())
+    with pytest.raises(RuntimeError, match="changing its dtype"):
+        model.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="changing its dtype"):
+        model.transformer_blocks[0].half()
+    with pytest.warns(UserWarning, match=r"\.to\(meta\) ignored"):
+        model.to("meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.to("cpu")  # the compute device: nothing to say
+    assert list(model.parameters()) == params and all(isinstance(p, OffloadedTensor) for p in params)
+    assert model.dtype == torch.float32
+    with torch.no_grad():
+        model(**FLUX.inputs(0))
+
+
+def test_in_place_changes_of_weights_are_refused():
+    model = wrap_model_for_offload(FLUX.make())
+    weight = model.proj_out.weight
+    before = weight.materialize().clone()
+    for change in (lambda: nn.init.normal_(weight), lambda: weight.mul_(2), lambda: weight.sin_()):
+        with pytest.raises(RefusedOpError, match="in place"):
+            change()
+    with pytest.raises(RefusedOpError, match="setting .data"):
+        weight.data = torch.zeros_like(before)
+    assert torch.equal(weight.materialize(), before)
+
+
+def test_use_after_unwrap_is_a_clear_error():
+    model = unwrap_model(wrap_model_for_offload(FLUX.make()))
+    with pytest.raises(ValueError, match="not wrapped by offload_tensor"):
+        offload_report(model)
+    with pytest.raises(ValueError, match="not wrapped by offload_tensor"):
+        unwrap_model(model)
+    with torch.no_grad():
+        model(**FLUX.inputs(0))  # the model itself is plain again and runs
