@@ -15,6 +15,7 @@ This module only declares; `offload_tensor.tensor` carries the rules out.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 
 import torch
@@ -112,6 +113,7 @@ ATEN_RULES: dict[torch._ops.OpOverloadPacket, Rule] = {
 _missing_logged: set[object] = set()
 
 
+@functools.cache
 def mutates(op: torch._ops.OpOverload) -> tuple[int, ...]:
     """Positions of the arguments `op` writes to (in-place and out= ops)."""
     return tuple(

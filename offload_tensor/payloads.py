@@ -10,6 +10,7 @@ into its consumer.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -27,6 +28,9 @@ class Plain:
 
     def encode(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (weight,)
+
+    def __deepcopy__(self, memo):  # immutable: dynamo's guard keeps a deepcopy and compares it per call
+        return self
 
     def decode(self, inner: tuple[torch.Tensor, ...], compute_dtype: torch.dtype) -> torch.Tensor:
         return inner[0]
@@ -48,6 +52,9 @@ class Float8:
 
     inner_names: ClassVar[tuple[str, ...]] = ("qdata", "scale")
     name: ClassVar[str] = "fp8"
+
+    def __deepcopy__(self, memo):
+        return self
 
     def encode(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         w = weight.detach().float()
@@ -74,8 +81,20 @@ class Float8:
 PayloadKind = Plain | Float8
 
 
-def kind_for(weight: torch.Tensor, storage_dtype: torch.dtype | None, per_channel: bool) -> PayloadKind:
-    """fp8 for floating matrices and conv kernels; biases, norms and other 1-d tensors stay plain."""
-    if storage_dtype is None or weight.ndim < 2 or not weight.is_floating_point():
-        return Plain()
+PLAIN = Plain()
+
+
+@functools.cache
+def _float8(storage_dtype: torch.dtype, per_channel: bool) -> Float8:
     return Float8(storage_dtype, per_channel)
+
+
+def kind_for(weight: torch.Tensor, storage_dtype: torch.dtype | None, per_channel: bool) -> PayloadKind:
+    """fp8 for floating matrices and conv kernels; biases, norms and other 1-d tensors stay plain.
+
+    Kinds are interned: every weight of a kind shares one instance, so the per-call metadata
+    guard compares by identity.
+    """
+    if storage_dtype is None or weight.ndim < 2 or not weight.is_floating_point():
+        return PLAIN
+    return _float8(storage_dtype, per_channel)

@@ -23,6 +23,7 @@ from compile_rules.table import ATEN_RULES, TORCH_FUNCTION_RULES, Rule, aten_rul
 from offload_tensor.payloads import PayloadKind
 
 _DisableTorchFunctionSubclass = torch._C.DisableTorchFunctionSubclass
+_tf_rule = TORCH_FUNCTION_RULES.get
 
 
 class RefusedOpError(RuntimeError):
@@ -63,11 +64,16 @@ class OffloadedTensor(torch.Tensor):
         self._compute_dtype = compute_dtype
         self._compute_device = compute_device
         self._fetches = fetches
+        # Computed once: dynamo's guards and AOTAutograd's runtime wrapper flatten every
+        # offloaded input on every compiled call.
+        self._flat = (list(kind.inner_names), (kind, compute_dtype, compute_device, fetches))
+        # The eager fast path: the tensor to compute with when nothing needs fetching or decoding.
+        self._direct = inner[0] if not fetches and kind.inner_names == ("payload",) else None
         return self
 
     # -- tracing ----------------------------------------------------------------------------
     def __tensor_flatten__(self):
-        return list(self._kind.inner_names), (self._kind, self._compute_dtype, self._compute_device, self._fetches)
+        return self._flat
 
     @staticmethod
     def __tensor_unflatten__(inner_tensors, ctx, outer_size, outer_stride):
@@ -112,18 +118,35 @@ class OffloadedTensor(torch.Tensor):
     # -- torch function: catch F.linear & co. before they decompose --------------------------
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        rule = TORCH_FUNCTION_RULES.get(func)
+        # The eager hot path (F.linear & co. on every weight, every step): one dict lookup, one
+        # pass over the arguments, no pytree, no logging, and no fetch for a direct weight.
+        rule = _tf_rule(func)
         if rule is None:
             with _DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
-        if rule is Rule.REFUSE:
+        if rule is not Rule.MATERIALIZE:
             raise RefusedOpError(_refusal(func, args))
-        after = _first_plain_tensor(args)
-        args = tuple(a.materialize(after) if isinstance(a, OffloadedTensor) else a for a in args)
+        after = None
+        pending = False
+        resolved = []
+        for a in args:
+            if type(a) is OffloadedTensor:
+                direct = a._direct
+                if direct is None:
+                    pending = True
+                    resolved.append(a)
+                else:
+                    resolved.append(direct)
+            else:
+                if after is None and isinstance(a, torch.Tensor):
+                    after = a
+                resolved.append(a)
+        if pending:
+            resolved = [a.materialize(after) if type(a) is OffloadedTensor else a for a in resolved]
         if kwargs:
-            kwargs = {k: v.materialize(after) if isinstance(v, OffloadedTensor) else v for k, v in kwargs.items()}
-            return func(*args, **kwargs)
-        return func(*args)
+            kwargs = {k: v.materialize(after) if type(v) is OffloadedTensor else v for k, v in kwargs.items()}
+            return func(*resolved, **kwargs)
+        return func(*resolved)
 
     # -- torch dispatch: everything else, by the aten rows ----------------------------------
     @classmethod

@@ -107,7 +107,7 @@ class _Recorder(dict):
 @pytest.fixture
 def seen(monkeypatch):
     seen: set = set()
-    monkeypatch.setattr(tensor_module, "TORCH_FUNCTION_RULES", _Recorder(TORCH_FUNCTION_RULES, seen))
+    monkeypatch.setattr(tensor_module, "_tf_rule", _Recorder(TORCH_FUNCTION_RULES, seen).get)
     real_aten_rule = tensor_module.aten_rule
 
     def recording_aten_rule(op):
