@@ -71,9 +71,9 @@ def check(
     counters.clear()
     capture = _Capture()
     recompile_log = logging.getLogger("torch._dynamo.guards.__recompiles")
-    recompile_log.addHandler(capture)
-    recompile_log.propagate = False  # collected here, not printed
     torch._logging.set_logs(recompiles=True)
+    recompile_log.addHandler(capture)
+    recompile_log.propagate = False  # collected here, not printed (set_logs resets propagation)
     compiled_modules: list[nn.Module] = []
     try:
         start = time.perf_counter()

@@ -10,7 +10,11 @@ from torch import nn
 from offload_tensor.tensor import OffloadedTensor
 from offload_tensor.wrap import _state
 
-MB = 1024**2
+def format_bytes(n: int) -> str:
+    for unit, size in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 @dataclass(frozen=True)
@@ -32,13 +36,13 @@ class OffloadReport:
     def summary(self) -> str:
         state = "partially" if self.offloaded_bytes else "completely"
         return (
-            f"loaded {state}: {self.resident_bytes / MB:.1f} MB resident on {self.compute_device}, "
-            f"{self.offloaded_bytes / MB:.1f} MB offloaded"
+            f"loaded {state}: {format_bytes(self.resident_bytes)} resident on {self.compute_device}, "
+            f"{format_bytes(self.offloaded_bytes)} offloaded"
         )
 
     def __str__(self) -> str:
-        devices = ", ".join(f"{d} {b / MB:.1f} MB" for d, b in sorted(self.by_device.items()))
-        kinds = ", ".join(f"{k} {b / MB:.1f} MB" for k, b in sorted(self.by_kind.items()))
+        devices = ", ".join(f"{d} {format_bytes(b)}" for d, b in sorted(self.by_device.items()))
+        kinds = ", ".join(f"{k} {format_bytes(b)}" for k, b in sorted(self.by_kind.items()))
         return f"{self.summary}\n  by device: {devices}\n  by kind: {kinds}"
 
 
@@ -47,7 +51,7 @@ def offload_report(model: nn.Module) -> OffloadReport:
 
     Example:
         >>> print(offload_report(wrap_model_for_offload(model)).summary)
-        loaded partially: 0.1 MB resident on cuda:0, 45.8 MB offloaded
+        loaded partially: 12.0 KB resident on cuda:0, 45.8 MB offloaded
     """
     state = _state(model, "offload_report")
     by_device: Counter[str] = Counter()

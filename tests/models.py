@@ -46,21 +46,15 @@ def output(result) -> torch.Tensor:
 
 
 def _flux() -> nn.Module:
-    from diffusers import FluxTransformer2DModel
+    from offload_tensor.demo import tiny_flux  # the demo's model, so tests check what the demo shows
 
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
-    )
+    return tiny_flux()
 
 
 def _flux_inputs(seed: int) -> dict:
-    g = _gen(seed)
-    return dict(
-        hidden_states=torch.randn(1, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
-        pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
-        img_ids=torch.randn(16, 3, generator=g), txt_ids=torch.randn(8, 3, generator=g), return_dict=False,
-    )
+    from offload_tensor.demo import tiny_flux_inputs
+
+    return tiny_flux_inputs(seed)
 
 
 def _wan() -> nn.Module:
