@@ -1,12 +1,12 @@
 """Wrapped / plain step-time ratio on the CPU, eager and compiled, MLP stack and tiny Flux.
 
-Every configuration is built once; rounds interleave them (plain, wrapped, plain, wrapped, ...)
-so drift in machine speed hits both sides of a ratio alike; the reported ratio is the median over
+Every configuration is built once; each round times plain, wrapped, wrapped, plain (ABBA), so
+drift in machine speed hits both sides of a ratio alike; the reported ratio is the median over
 rounds of the per-round ratio. Weights take the zero-copy path (offload device == compute device),
 so the ratio is the cost of the wrapper itself: dispatch, plus flattening the subclass at the
 compiled graph's boundary.
 
-    python bench/overhead.py [--rounds 15] [--out bench/results]
+    python bench/overhead.py [--rounds 15] [--threads N] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from offload_tensor import wrap_model_for_offload
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def mlp() -> tuple[nn.Module, dict]:
+def mlp(width: int) -> tuple[nn.Module, dict]:
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Sequential(nn.Linear(1024, 1024), nn.GELU()) for _ in range(8)]).eval()
-    return model, {"input": torch.randn(8, 1024)}
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(8)]).eval()
+    return model, {"input": torch.randn(8, width)}
 
 
 def flux() -> tuple[nn.Module, dict]:
@@ -41,7 +41,8 @@ def flux() -> tuple[nn.Module, dict]:
     return case.make(), case.inputs(0)
 
 
-MODELS = {"mlp-8x1024-b8": mlp, "flux-tiny": flux}
+# mlp-8x16 computes almost nothing: its step-time difference is the wrapper's fixed cost per step.
+MODELS = {"mlp-8x1024-b8": lambda: mlp(1024), "flux-tiny": flux, "mlp-8x16-b8": lambda: mlp(16)}
 
 
 def step_time(fn, inputs: dict, steps: int) -> float:
@@ -61,7 +62,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     rows = []
     for name, build in MODELS.items():
@@ -77,8 +81,10 @@ def main() -> None:
             steps = calibrate(plain, inputs)
             ratios, plain_s, wrapped_s = [], [], []
             for _ in range(args.rounds):
-                p = step_time(plain, inputs, steps)
-                w = step_time(wrapped, inputs, steps)
+                # ABBA within a round, so a drift in machine speed cancels out of the ratio
+                p1, w1 = step_time(plain, inputs, steps), step_time(wrapped, inputs, steps)
+                w2, p2 = step_time(wrapped, inputs, steps), step_time(plain, inputs, steps)
+                p, w = (p1 + p2) / 2, (w1 + w2) / 2
                 plain_s.append(p)
                 wrapped_s.append(w)
                 ratios.append(w / p)
@@ -90,6 +96,8 @@ def main() -> None:
                 "ratio_max": max(ratios),
                 "plain_step_ms": statistics.median(plain_s) * 1e3,
                 "wrapped_step_ms": statistics.median(wrapped_s) * 1e3,
+                "overhead_us_per_step": statistics.median(w - p for w, p in zip(wrapped_s, plain_s)) * 1e6,
+                "weights": sum(1 for _ in build()[0].parameters()),
                 "steps_per_round": steps,
                 "rounds": args.rounds,
             }
@@ -114,12 +122,13 @@ def main() -> None:
         "",
         f"`{result['command']}`: wrapped/plain step time, median of {args.rounds} interleaved rounds.",
         "",
-        "| model | mode | plain ms/step | wrapped ms/step | ratio (median) | min..max | target |",
-        "|---|---|---:|---:|---:|---|---:|",
+        "| model | weights | mode | plain ms/step | wrapped ms/step | overhead us/step | ratio (median) | min..max | target |",
+        "|---|---:|---|---:|---:|---:|---:|---|---:|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['model']} | {row['mode']} | {row['plain_step_ms']:.3f} | {row['wrapped_step_ms']:.3f} | "
+            f"| {row['model']} | {row['weights']} | {row['mode']} | {row['plain_step_ms']:.3f} | "
+            f"{row['wrapped_step_ms']:.3f} | {row['overhead_us_per_step']:.0f} | "
             f"{row['ratio_median']:.3f} | {row['ratio_min']:.3f}..{row['ratio_max']:.3f} | "
             f"<= {result['targets'][row['mode']]} |"
         )
