@@ -45,6 +45,16 @@ def flux() -> tuple[nn.Module, dict]:
 MODELS = {"mlp-8x1024-b8": lambda: mlp(1024), "flux-tiny": flux, "mlp-8x16-b8": lambda: mlp(16)}
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def step_time(fn, inputs: dict, steps: int) -> float:
     with torch.no_grad():
         start = time.perf_counter()
@@ -105,7 +115,7 @@ def main() -> None:
             rows.append(row)
 
     result = {
-        "device": platform.processor() or platform.machine(),
+        "device": cpu_name(),
         "device_kind": "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

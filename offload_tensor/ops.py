@@ -47,9 +47,11 @@ def register_engine(keys: Iterable[int], engine: Engine) -> None:
         _engines[key] = engine
 
 
-def unregister_engine(keys: Iterable[int]) -> None:
-    for key in keys:
-        _engines.pop(key, None)
+def unregister_engine(key: int, engine: Engine) -> None:
+    """Forget `key`, if `engine` is the one serving it (a copy of a model never unregisters the
+    original's weights)."""
+    if _engines.get(key) is engine:
+        del _engines[key]
 
 
 @torch.library.custom_op("offload_tensor::fetch", mutates_args=())

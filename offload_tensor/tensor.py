@@ -124,8 +124,10 @@ class OffloadedTensor(torch.Tensor):
         if rule is None:
             with _DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
-        if rule is not Rule.MATERIALIZE:
+        if rule is Rule.REFUSE:
             raise RefusedOpError(_refusal(func, args))
+        if rule is not Rule.MATERIALIZE:
+            raise NotImplementedError(f"torch-function rows are materialize or refuse; {func} has {rule}")
         after = None
         pending = False
         resolved = []

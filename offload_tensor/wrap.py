@@ -42,7 +42,6 @@ class OffloadState:
     prefetch: int
     pin_memory: bool
     engine: Engine
-    keys: list[int]
     # parameter id -> (device, requires_grad) before wrapping
     originals: dict[int, tuple[torch.device, bool]]
     # (module, buffer name) -> device before wrapping
@@ -143,7 +142,6 @@ def wrap_model_for_offload(
     ]
 
     # -- mutate ------------------------------------------------------------------------------
-    keys = [ops.payload_key(p._inner) for p in wrapped.values()] if fetches else []
     state = OffloadState(
         compute_device=compute_device,
         offload_device=offload_device,
@@ -151,7 +149,6 @@ def wrap_model_for_offload(
         prefetch=prefetch,
         pin_memory=pin_memory,
         engine=engine,
-        keys=keys,
         originals=originals,
         buffer_devices={(module, name): buf.device for module, name, buf, _ in buffers},
     )
@@ -165,7 +162,8 @@ def wrap_model_for_offload(
         module.__dict__["_apply"] = functools.partial(_guarded_apply, module, dtypes, compute_device)
         if any(isinstance(p, OffloadedTensor) for p in module._parameters.values()):
             state.hook_handles.append(module.register_state_dict_post_hook(_plain_state_dict))
-    ops.register_engine(keys, engine)
+    if fetches:
+        ops.register_engine((ops.payload_key(p._inner) for p in wrapped.values()), engine)
     model.__dict__["_offload_state"] = state
     return model
 
@@ -185,6 +183,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     for _, _, _, param in slots:
         if id(param) in plain or not isinstance(param, OffloadedTensor):
             continue
+        ops.unregister_engine(ops.payload_key(param._inner), state.engine)
         orig_device, requires_grad = state.originals[id(param)]
         value = param._kind.decode(param._inner, param._compute_dtype).to(orig_device)
         plain[id(param)] = nn.Parameter(value, requires_grad=requires_grad)
@@ -198,7 +197,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         module.__dict__.pop("_apply", None)
     for handle in state.hook_handles:
         handle.remove()
-    ops.unregister_engine(state.keys)
     del model.__dict__["_offload_state"]
     return model
 

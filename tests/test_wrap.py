@@ -238,3 +238,18 @@ def test_use_after_unwrap_is_a_clear_error():
         unwrap_model(model)
     with torch.no_grad():
         model(**FLUX.inputs(0))  # the model itself is plain again and runs
+
+
+def test_engine_serves_the_model_while_wrapped_and_is_forgotten_after():
+    import offload_tensor.ops as ops
+    from offload_tensor import RecordingEngine
+
+    engine = RecordingEngine()
+    model = wrap_model_for_offload(FLUX.make(), engine=engine)
+    weights = list(model.parameters())
+    assert sum(e is engine for e in ops._engines.values()) == len(weights)
+    with torch.no_grad():
+        model(**FLUX.inputs(0))
+    assert sorted(engine.keys) == sorted(ops.payload_key(p._inner) for p in weights)
+    unwrap_model(model)
+    assert not any(e is engine for e in ops._engines.values())
