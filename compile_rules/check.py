@@ -61,7 +61,8 @@ def check(
 
     `repeated_blocks=True` compiles a diffusers model with `compile_repeated_blocks` instead of
     `torch.compile` of the whole. The second call measures fetches per forward. This resets
-    dynamo's caches (so counts belong to this call) and leaves the module uncompiled.
+    dynamo's caches (so counts belong to this call), leaves the module uncompiled, and resets
+    torch's log settings (`torch._logging.set_logs()`) when it is done.
 
     Example:
         >>> print(compile_rules.check(model, hidden_states, repeated_blocks=True))
