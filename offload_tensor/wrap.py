@@ -58,6 +58,29 @@ def named_parameter_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, st
                 yield (f"{module_name}.{name}" if module_name else name), module, name, param
 
 
+def weight_groups(model: nn.Module, weights: list[torch.Tensor], granularity: str) -> list[list[int]]:
+    """Indices into `weights`, grouped: one group per repeated block (granularity="block"), and
+    one per module for the weights of modules outside blocks (or for all, granularity="leaf")."""
+    block_names = set(getattr(model, "_repeated_blocks", None) or getattr(model, "_no_split_modules", None) or ())
+    index = {id(w): i for i, w in enumerate(weights)}
+    groups: list[list[int]] = []
+    placed: set[int] = set()
+
+    def take(params) -> list[int]:
+        found = [index[id(p)] for p in params if id(p) in index and index[id(p)] not in placed]
+        placed.update(found)
+        return found
+
+    for module in model.modules():
+        if granularity == "block" and type(module).__name__ in block_names:
+            group = take(module.parameters())
+        else:
+            group = take(p for p in module._parameters.values() if p is not None)
+        if group:
+            groups.append(group)
+    return groups
+
+
 def is_wrapped(model: nn.Module) -> bool:
     return isinstance(model.__dict__.get("_offload_state"), OffloadState)
 
@@ -71,6 +94,7 @@ def wrap_model_for_offload(
     fp8_scale: str = "channel",
     prefetch: int = 1,
     pin_memory: bool = True,
+    granularity: str = "block",
     engine: Engine | None = None,
 ) -> nn.Module:
     """Replace every parameter of `model` by an `OffloadedTensor`, in place, and return `model`.
@@ -85,9 +109,13 @@ def wrap_model_for_offload(
         prefetch: how many groups the streaming engine fetches ahead (0: none).
         pin_memory: keep host payloads in pinned memory for the streaming engine's asynchronous
             copies; the synchronous engine copies from pageable memory either way.
+        granularity: "block" (the model's repeated blocks, from diffusers' `_repeated_blocks` or
+            transformers' `_no_split_modules`, move as one copy each; other weights by module) or
+            "leaf" (each module's own weights move together). Used by engines that group.
         engine: who serves fetches. By default the synchronous engine, and no fetch at all when
             the offload device is the compute device (zero-copy). An explicit engine serves every
-            fetch, even on the same device (tests, tracing).
+            fetch, even on the same device (tests, tracing); one with `prepare` (the streaming
+            engine) receives the weights grouped and keeps them in one host arena per group.
 
     Example:
         >>> model = wrap_model_for_offload(model, device="cuda", storage_dtype=torch.float8_e4m3fn)
@@ -110,6 +138,8 @@ def wrap_model_for_offload(
         raise ValueError(f"prefetch={prefetch!r} must be an int >= 0 (the number of groups fetched ahead).")
     if not isinstance(pin_memory, bool):
         raise ValueError(f"pin_memory={pin_memory!r} must be True or False.")
+    if granularity not in ("block", "leaf"):
+        raise ValueError(f"granularity={granularity!r} is not supported; use 'block' or 'leaf'.")
     if is_wrapped(model):
         raise ValueError(
             f"{type(model).__name__} is already wrapped by offload_tensor; call unwrap_model(model) before "
@@ -124,13 +154,18 @@ def wrap_model_for_offload(
     fetches = engine is not None or offload_device != compute_device
     engine = engine if engine is not None else SynchronousEngine()
     per_channel = fp8_scale == "channel"
+    unique = list({id(param): param for _, _, _, param in slots}.values())  # tied weights once
+    kinds = [kind_for(param, storage_dtype, per_channel) for param in unique]
+    payloads = [tuple(t.to(offload_device) for t in k.encode(p.detach())) for k, p in zip(kinds, unique)]
+    if hasattr(engine, "prepare"):
+        groups = weight_groups(model, unique, granularity)
+        grouped = engine.prepare([[payloads[i] for i in group] for group in groups], prefetch, ops.payload_key)
+        for group, group_payloads in zip(groups, grouped):
+            for i, payload in zip(group, group_payloads):
+                payloads[i] = payload
     wrapped: dict[int, nn.Parameter] = {}
     originals: dict[int, tuple[torch.device, bool]] = {}
-    for _, _, _, param in slots:
-        if id(param) in wrapped:
-            continue  # tied
-        kind = kind_for(param, storage_dtype, per_channel)
-        inner = tuple(t.to(offload_device) for t in kind.encode(param.detach()))
+    for param, kind, inner in zip(unique, kinds, payloads):
         tensor = OffloadedTensor(inner, kind, param.dtype, compute_device, fetches)
         wrapped[id(param)] = nn.Parameter(tensor, requires_grad=False)
         originals[id(wrapped[id(param)])] = (param.device, param.requires_grad)

@@ -1,0 +1,71 @@
+"""Host arenas: one contiguous, exact-size buffer per group, holding every payload tensor of the
+group, so a group moves to the device in one copy.
+
+Invariant: the arena's bytes are the payload bytes plus at most `ALIGN - 1` bytes of padding per
+tensor; payload tensors are views into it (their address is the engine's key). Nothing is pinned
+per tensor (the caching host allocator would round each up to a power of two).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+ALIGN = 16  # bytes; enough for every dtype's alignment
+
+
+@dataclass(frozen=True)
+class Placement:
+    offset: int  # bytes into the arena
+    shape: torch.Size
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return _span(self.shape, self.stride) * self.dtype.itemsize
+
+    def view(self, arena: torch.Tensor) -> torch.Tensor:
+        flat = arena[self.offset : self.offset + self.nbytes].view(self.dtype)
+        return flat.as_strided(self.shape, self.stride)
+
+
+def _span(shape, stride) -> int:
+    return 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
+
+
+@dataclass
+class Arena:
+    """One group's payload tensors in one buffer; `placements[i][j]` is tensor j of weight i."""
+
+    buffer: torch.Tensor
+    placements: list[list[Placement]]
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+    def payloads(self) -> list[tuple[torch.Tensor, ...]]:
+        return [tuple(p.view(self.buffer) for p in weight) for weight in self.placements]
+
+
+def build_arena(payloads: Sequence[Sequence[torch.Tensor]]) -> Arena:
+    """Copy `payloads` (one tuple of inner tensors per weight) into one exact-size buffer."""
+    placements: list[list[Placement]] = []
+    offset = 0
+    for inner in payloads:
+        weight = []
+        for t in inner:
+            offset = -(-offset // ALIGN) * ALIGN
+            placement = Placement(offset, t.shape, t.stride(), t.dtype)
+            weight.append(placement)
+            offset += placement.nbytes
+        placements.append(weight)
+    buffer = torch.empty(offset, dtype=torch.uint8)
+    arena = Arena(buffer, placements)
+    for inner, views in zip(payloads, arena.payloads()):
+        for src, dst in zip(inner, views):
+            dst.copy_(src)
+    return arena

@@ -1,0 +1,170 @@
+"""The streaming scheduler: which group to copy into which device slot, and when.
+
+Pure Python and device-agnostic: it talks to a backend (CUDA streams and events, or the fake
+backend's virtual clock) through five calls, so the CPU tests run exactly this logic.
+
+Invariants:
+- A slot is overwritten only after the compute that read it has finished: the copy into a slot
+  waits for the slot's `released` event, recorded on the compute stream once compute has moved
+  on to another group (every read of the slot was enqueued before that point).
+- Compute reads a slot only after the copy into it has finished (`backend.wait(ready)`).
+- Correctness never depends on the order guess: a group that is not where the guess put it is
+  loaded on demand (a miss), and the order is learnt again from there.
+- Reads hand over fresh tensors (see [Note: fetch hands over ownership] in ops.py).
+
+[Note: execution order]
+The order is learnt from the sequence of group changes, as a cycle: the scheduler records the
+sequence until it has seen it twice in a row (trace[:n] == trace[n:2n]), so a group visited twice
+per forward (compiled code may interleave independent groups) is learnt as it is. After that it
+expects order[pos + 1] next and keeps the groups of order[pos + 1 .. pos + prefetch] in flight.
+A request for anything else is a miss: served on demand, counted, and recording starts again.
+While recording (the first two forwards, or after a miss) groups are loaded on demand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+Event = Any  # opaque to the scheduler: a CUDA event, or a virtual time
+
+
+class Backend(Protocol):
+    def copy(self, group: int, slot: int, wait_for: Event | None) -> Event:
+        """Start copying `group`'s host arena into device `slot` once `wait_for` has completed;
+        return the event that completes when the copy has landed."""
+
+    def wait(self, event: Event) -> None:
+        """Make compute wait for `event`."""
+
+    def read(self, group: int, slot: int, key: Hashable) -> list[torch.Tensor]:
+        """On the compute stream: fresh tensors holding `key`'s payload from `slot`."""
+
+    def record(self) -> Event:
+        """An event on the compute stream after everything enqueued so far."""
+
+
+@dataclass
+class Slot:
+    index: int
+    group: int | None = None
+    ready: Event | None = None  # the copy of `group` into this slot has landed
+    released: Event | None = None  # compute has finished reading the slot's previous group
+
+
+@dataclass
+class SchedulerStats:
+    hits: int = 0
+    misses: int = 0
+    copies: int = 0
+
+
+@dataclass
+class Scheduler:
+    group_of: dict[Hashable, int]
+    prefetch: int
+    backend: Backend
+    order: list[int] = field(default_factory=list)
+    recording: bool = True
+    trace: list[int] = field(default_factory=list)  # group changes seen while recording
+    stats: SchedulerStats = field(default_factory=SchedulerStats)
+
+    def __post_init__(self) -> None:
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch={self.prefetch} must be >= 0")
+        self.slots = [Slot(i) for i in range(self.prefetch + 1)]
+        self.current: int | None = None  # the group compute is reading now
+        self.pos = -1  # index of `current` in `order` (when not recording)
+
+    # -- the one entry point ------------------------------------------------------------------
+    def fetch(self, key: Hashable) -> list[torch.Tensor]:
+        group = self.group_of[key]
+        if group != self.current:
+            self._move_to(group)
+        slot = self._slot_holding(group)
+        self.backend.wait(slot.ready)
+        return self.backend.read(group, slot.index, key)
+
+    # -- order and window ---------------------------------------------------------------------
+    def _move_to(self, group: int) -> None:
+        if self.current is not None:
+            # Every read of the current group's slot is enqueued: once compute passes this point
+            # the slot may be overwritten.
+            self._slot_holding(self.current).released = self.backend.record()
+        expected = self._expected_next()
+        if self.recording:
+            self._record(group)
+        elif group == expected:
+            self.stats.hits += 1
+            self.pos = (self.pos + 1) % len(self.order)
+        else:
+            self.stats.misses += 1
+            self.recording, self.trace = True, []
+            self._record(group)
+        self.current = group
+        if self._slot_holding(group, missing_ok=True) is None:
+            self._load(group)
+        self._fill_window()
+
+    def _record(self, group: int) -> None:
+        trace = self.trace
+        trace.append(group)
+        # The shortest period n with the trace's first n changes seen twice in a row.
+        for n in range(1, len(trace) // 2 + 1):
+            if trace[n] == trace[0] and trace[:n] == trace[n : 2 * n] and len(trace) == 2 * n:
+                self.order, self.recording, self.pos, self.trace = trace[:n], False, n - 1, []
+                return
+
+    def _expected_next(self) -> int | None:
+        if self.recording or not self.order:
+            return None
+        return self.order[(self.pos + 1) % len(self.order)]
+
+    def _window(self) -> list[int]:
+        if self.recording or not self.order:
+            return []
+        n = len(self.order)
+        ahead = [self.order[(self.pos + i) % n] for i in range(1, min(self.prefetch, n - 1) + 1)]
+        return [g for g in ahead if g != self.current]
+
+    def _fill_window(self) -> None:
+        for group in self._window():
+            if self._slot_holding(group, missing_ok=True) is None:
+                self._load(group)
+
+    # -- slots ----------------------------------------------------------------------------------
+    def _slot_holding(self, group: int, missing_ok: bool = False) -> Slot | None:
+        for slot in self.slots:
+            if slot.group == group:
+                return slot
+        if missing_ok:
+            return None
+        raise AssertionError(f"group {group} is in no slot")
+
+    def _load(self, group: int) -> None:
+        keep = {self.current, *self._window()}
+        slot = next((s for s in self.slots if s.group is None), None)
+        if slot is None:
+            # The ring: the slot whose group is furthest from use. The current group's and the
+            # window's slots are never taken.
+            free = [s for s in self.slots if s.group not in keep]
+            if not free:
+                raise AssertionError("no free slot: prefetch + 1 slots hold current + window")
+            slot = free[0]
+            if slot.released is None:  # loaded but never read (a wrong guess): no reads pending
+                slot.released = self.backend.record()
+        slot.ready = self.backend.copy(group, slot.index, slot.released)
+        slot.group = group
+        slot.released = None
+        self.stats.copies += 1
+
+    def reset(self) -> None:
+        """Forget which groups the slots hold (the next fetch of each group copies again)."""
+        for slot in self.slots:
+            if slot.group is not None and slot.released is None:
+                slot.released = self.backend.record()
+            slot.group = None
+        self.current = None

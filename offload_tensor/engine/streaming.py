@@ -1,0 +1,43 @@
+"""The streaming engine: host arenas per group, a scheduler, and a backend that moves bytes.
+
+`prepare` is called by wrap_model_for_offload with the encoded payloads grouped (a block, or a
+leaf module's weights); it moves them into one arena per group and returns the arena views that
+become the weights' payloads. `fetch` then serves a weight from the group's device slot, copied
+ahead of use in the learnt execution order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import torch
+
+from offload_tensor.engine.host_store import Arena, build_arena
+from offload_tensor.engine.scheduler import Backend, Scheduler
+
+
+class StreamingEngine:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.scheduler: Scheduler | None = None
+        self.arenas: list[Arena] = []
+
+    def prepare(
+        self, groups: Sequence[Sequence[tuple[torch.Tensor, ...]]], prefetch: int, key_of
+    ) -> list[list[tuple[torch.Tensor, ...]]]:
+        self.arenas = [build_arena(group) for group in groups]
+        payloads = [arena.payloads() for arena in self.arenas]
+        keys = [[key_of(p) for p in group] for group in payloads]
+        self.backend.prepare(self.arenas, keys, prefetch + 1)
+        group_of = {key: g for g, group_keys in enumerate(keys) for key in group_keys}
+        self.scheduler = Scheduler(group_of, prefetch, self.backend)
+        return payloads
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(a.nbytes for a in self.arenas)
+
+    def fetch(self, key: Hashable, payload: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        if self.scheduler is None or key not in self.scheduler.group_of:
+            return [t.to(device, copy=True) for t in payload]
+        return self.scheduler.fetch(key)

@@ -1,0 +1,191 @@
+"""The streaming scheduler on the fake backend: order, window, ring, misses, races, arenas; and
+wrapped models with the scheduler serving every fetch, eager and compiled."""
+
+import pytest
+import torch
+
+import compile_rules
+from models import CASES, output
+from offload_tensor import offload_report, wrap_model_for_offload
+from offload_tensor.engine.fake import FakeBackend, StreamRaceError
+from offload_tensor.engine.scheduler import Scheduler
+from offload_tensor.engine.streaming import StreamingEngine
+from offload_tensor.ops import payload_key
+
+CPU = torch.device("cpu")
+
+
+def make_engine(groups=6, weights_per_group=3, prefetch=1, scheduler_cls=Scheduler, **backend):
+    g = torch.Generator().manual_seed(0)
+    payloads = [[(torch.randn(5 + w, 4, generator=g),) for w in range(weights_per_group)] for _ in range(groups)]
+    expected = [[p[0].clone() for p in group] for group in payloads]
+    engine = StreamingEngine(FakeBackend(**backend))
+    arena_payloads = engine.prepare(payloads, prefetch, payload_key)
+    if scheduler_cls is not Scheduler:
+        s = engine.scheduler
+        engine.scheduler = scheduler_cls(s.group_of, s.prefetch, s.backend)
+    return engine, arena_payloads, expected
+
+
+def forward(engine, payloads, expected, order):
+    for g in order:
+        for payload, value in zip(payloads[g], expected[g]):
+            (out,) = engine.fetch(payload_key(payload), payload, CPU)
+            assert torch.equal(out, value)
+            assert out.data_ptr() != payload[0].data_ptr()  # handed over, not the arena
+
+
+def test_learns_the_order_then_prefetches_it():
+    engine, payloads, expected = make_engine(groups=6, prefetch=1)
+    s = engine.scheduler
+    forward(engine, payloads, expected, range(6))
+    assert s.recording  # one pass is not yet a cycle
+    forward(engine, payloads, expected, range(6))
+    assert s.order == list(range(6)) and not s.recording and s.stats.misses == 0
+    hits, copies = s.stats.hits, s.stats.copies
+    forward(engine, payloads, expected, range(6))
+    assert s.stats.hits - hits == 6 and s.stats.misses == 0  # every group was where the guess put it
+    assert s.stats.copies - copies == 6  # one copy per group per forward, nothing more
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2, 3])
+def test_window_holds_the_next_groups(prefetch):
+    engine, payloads, expected = make_engine(groups=7, prefetch=prefetch)
+    forward(engine, payloads, expected, range(7))
+    forward(engine, payloads, expected, range(7))
+    s = engine.scheduler
+    for g in range(7):
+        forward(engine, payloads, expected, [g])
+        held = {slot.group for slot in s.slots}
+        assert {(g + i) % 7 for i in range(prefetch + 1)} <= held
+        assert len(s.slots) == prefetch + 1
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize("compute_s,copy_s_per_byte", [(1e-3, 1e-9), (1e-6, 1e-6)], ids=["compute-bound", "copy-bound"])
+def test_ring_reuses_slots_only_after_their_reads(prefetch, compute_s, copy_s_per_byte):
+    engine, payloads, expected = make_engine(
+        groups=5, prefetch=prefetch, compute_s=compute_s, copy_s_per_byte=copy_s_per_byte
+    )
+    for _ in range(4):
+        forward(engine, payloads, expected, range(5))  # the referee raises on any early reuse
+    copies = [entry for entry in engine.backend.log if entry[0] == "copy"]
+    assert {slot for _, _, slot, _, _ in copies} == set(range(prefetch + 1))
+
+
+def test_a_group_visited_twice_per_forward_is_learnt():
+    engine, payloads, expected = make_engine(groups=4, prefetch=1)
+    order = [0, 1, 0, 2, 3]
+    for _ in range(3):
+        forward(engine, payloads, expected, order)
+    s = engine.scheduler
+    hits, misses = s.stats.hits, s.stats.misses
+    forward(engine, payloads, expected, order)
+    assert s.stats.misses == misses and s.stats.hits - hits == len(order)
+
+
+def test_out_of_order_request_is_a_miss_served_correctly_then_relearnt():
+    engine, payloads, expected = make_engine(groups=6, prefetch=2)
+    forward(engine, payloads, expected, range(6))
+    forward(engine, payloads, expected, range(6))
+    s = engine.scheduler
+    new_order = [0, 1, 4, 3, 2, 5]
+    forward(engine, payloads, expected, new_order)  # outputs checked inside
+    assert s.stats.misses >= 1
+    forward(engine, payloads, expected, new_order)
+    forward(engine, payloads, expected, new_order)
+    misses = s.stats.misses
+    forward(engine, payloads, expected, new_order)
+    assert s.stats.misses == misses
+    start = s.order.index(new_order[0])  # the order is a cycle: compare up to rotation
+    assert s.order[start:] + s.order[:start] == new_order
+
+
+class _IgnoreRelease:
+    def __init__(self, backend):
+        self.backend = backend
+
+    def copy(self, group, slot, wait_for):
+        return self.backend.copy(group, slot, None)
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+
+class _NoReleaseWait(Scheduler):
+    """Planted race: copies into a slot without waiting for its readers."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.backend = _IgnoreRelease(self.backend)
+
+
+class _NoReadyWait(Scheduler):
+    """Planted race: reads a slot without waiting for its copy."""
+
+    def fetch(self, key):
+        group = self.group_of[key]
+        if group != self.current:
+            self._move_to(group)
+        slot = self._slot_holding(group)
+        return self.backend.read(group, slot.index, key)
+
+
+@pytest.mark.parametrize("planted", [_NoReleaseWait, _NoReadyWait])
+def test_fake_backend_catches_a_planted_race(planted):
+    # slow compute exposes early slot reuse; slow copies expose reads before the copy landed
+    slow = dict(compute_s=1e-3, copy_s_per_byte=1e-9) if planted is _NoReleaseWait else dict(compute_s=1e-9, copy_s_per_byte=1e-3)
+    engine, payloads, expected = make_engine(groups=5, prefetch=1, scheduler_cls=planted, **slow)
+    with pytest.raises(StreamRaceError):
+        for _ in range(3):
+            forward(engine, payloads, expected, range(5))
+
+
+def test_arenas_are_exact_size_one_per_group():
+    model = CASES[0].make()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    engine = StreamingEngine(FakeBackend())
+    wrap_model_for_offload(model, engine=engine, granularity="block")
+    assert weight_bytes <= engine.host_bytes <= 1.02 * weight_bytes
+    blocks = len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    assert len(engine.arenas) < len(list(model.parameters())) and len(engine.arenas) >= blocks
+    for p in model.parameters():  # every payload lives in its group's arena
+        assert any(a.buffer.data_ptr() <= p._inner[0].data_ptr() < a.buffer.data_ptr() + a.nbytes for a in engine.arenas)
+    assert offload_report(model).by_kind["plain"] == weight_bytes
+
+
+MODELS = [CASES[0], CASES[1]]  # Flux, Wan
+
+
+@pytest.mark.parametrize("case", MODELS, ids=[c.name for c in MODELS])
+@pytest.mark.parametrize("granularity", ["block", "leaf"])
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_wrapped_model_with_scheduler_equals_plain_over_20_forwards(case, granularity, prefetch):
+    plain = case.make()
+    engine = StreamingEngine(FakeBackend())
+    model = wrap_model_for_offload(case.make(), engine=engine, granularity=granularity, prefetch=prefetch)
+    with torch.no_grad():
+        for step in range(20):
+            assert torch.equal(output(model(**case.inputs(step))), output(plain(**case.inputs(step))))
+    s = engine.scheduler
+    assert s.stats.misses == 0 and s.stats.hits > 0
+    per_forward = len(s.order)
+    assert s.stats.copies <= 20 * per_forward  # one copy per group per forward at most
+
+
+@pytest.mark.parametrize("mode", ["whole", "repeated_blocks"])
+def test_compiled_fetches_consult_the_scheduler(mode):
+    case = CASES[0]
+    plain = compile_rules.check(case.make(), repeated_blocks=mode == "repeated_blocks", **case.inputs(0))
+    engine = StreamingEngine(FakeBackend())
+    model = wrap_model_for_offload(case.make(), engine=engine, prefetch=2)
+    report = compile_rules.check(model, repeated_blocks=mode == "repeated_blocks", fullgraph=True, **case.inputs(0))
+    assert report.graph_breaks == 0 and report.graphs <= plain.graphs
+    torch.testing.assert_close(output(report.output), output(plain.output), atol=1e-5, rtol=0)
+    s = engine.scheduler
+    hits, misses = s.stats.hits, s.stats.misses
+    compiled = torch.compile(model, fullgraph=True) if mode == "whole" else model
+    with torch.no_grad():
+        for step in range(3):
+            compiled(**case.inputs(step))
+    assert s.stats.misses == misses and s.stats.hits > hits  # prefetched in the learnt order
