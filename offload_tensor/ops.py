@@ -54,7 +54,12 @@ def unregister_engine(key: int, engine: Engine) -> None:
         del _engines[key]
 
 
-@torch.library.custom_op("offload_tensor::fetch", mutates_args=())
+# cudagraph_unsafe: inductor keeps the op out of captured CUDA-graph partitions (a replayed fetch
+# would serve stale weights); torch versions without the tag get the backend's capture check.
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("offload_tensor::fetch", mutates_args=(), tags=_TAGS)
 def fetch(payload: list[torch.Tensor], after: torch.Tensor | None, device: torch.device) -> list[torch.Tensor]:
     """Copy an offloaded weight's payload tensors to `device` (see the notes above)."""
     FetchStats.calls += 1

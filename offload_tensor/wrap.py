@@ -152,7 +152,8 @@ def wrap_model_for_offload(
 
     # -- build: new parameters and buffer copies, nothing assigned yet ---------------------
     fetches = engine is not None or offload_device != compute_device
-    engine = engine if engine is not None else SynchronousEngine()
+    if engine is None:
+        engine = _default_engine(compute_device, offload_device, pin_memory)
     per_channel = fp8_scale == "channel"
     unique = list({id(param): param for _, _, _, param in slots}.values())  # tied weights once
     kinds = [kind_for(param, storage_dtype, per_channel) for param in unique]
@@ -232,8 +233,20 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         module.__dict__.pop("_apply", None)
     for handle in state.hook_handles:
         handle.remove()
+    if hasattr(state.engine, "close"):
+        state.engine.close()
     del model.__dict__["_offload_state"]
     return model
+
+
+def _default_engine(compute_device: torch.device, offload_device: torch.device, pin_memory: bool) -> Engine:
+    """Streaming from pinned host memory when computing on CUDA; nothing to move otherwise."""
+    if compute_device.type == "cuda" and offload_device.type == "cpu":
+        from offload_tensor.engine.cuda import CudaBackend
+        from offload_tensor.engine.streaming import StreamingEngine
+
+        return StreamingEngine(CudaBackend(compute_device, pin_memory=pin_memory))
+    return SynchronousEngine()
 
 
 def _state(model: nn.Module, caller: str) -> OffloadState:

@@ -12,8 +12,12 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from tqdm.auto import tqdm
+
 from offload_tensor.engine.host_store import Arena, build_arena
 from offload_tensor.engine.scheduler import Backend, Scheduler
+
+PROGRESS_BYTES = 1 << 30  # show a progress bar when preparing more than this
 
 
 class StreamingEngine:
@@ -25,13 +29,20 @@ class StreamingEngine:
     def prepare(
         self, groups: Sequence[Sequence[tuple[torch.Tensor, ...]]], prefetch: int, key_of
     ) -> list[list[tuple[torch.Tensor, ...]]]:
-        self.arenas = [build_arena(group) for group in groups]
+        total = sum(t.numel() * t.element_size() for group in groups for payload in group for t in payload)
+        bar = tqdm(groups, desc="offload_tensor: host arenas", unit="group", disable=total <= PROGRESS_BYTES)
+        self.arenas = [build_arena(group) for group in bar]
         payloads = [arena.payloads() for arena in self.arenas]
         keys = [[key_of(p) for p in group] for group in payloads]
         self.backend.prepare(self.arenas, keys, prefetch + 1)
         group_of = {key: g for g, group_keys in enumerate(keys) for key in group_keys}
         self.scheduler = Scheduler(group_of, prefetch, self.backend)
         return payloads
+
+    def close(self) -> None:
+        """Give back what the backend holds (pinned registrations); called by unwrap_model."""
+        if hasattr(self.backend, "close"):
+            self.backend.close()
 
     @property
     def host_bytes(self) -> int:
