@@ -121,6 +121,7 @@ BAD_ARGUMENTS = [
     (dict(prefetch=-1), ValueError, "prefetch"),
     (dict(prefetch=1.5), ValueError, "prefetch"),
     (dict(pin_memory="yes"), ValueError, "pin_memory"),
+    (dict(granularity="layer"), ValueError, "granularity"),
     (dict(offload="/tmp/weights"), ValueError, "disk tier"),
     (dict(offload="mps"), ValueError, "offload"),
     (dict(device="tpu"), ValueError, "device"),

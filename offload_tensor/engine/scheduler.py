@@ -13,12 +13,13 @@ Invariants:
 - Reads hand over fresh tensors (see [Note: fetch hands over ownership] in ops.py).
 
 [Note: execution order]
-The order is learnt from the sequence of group changes, as a cycle: the scheduler records the
-sequence until it has seen it twice in a row (trace[:n] == trace[n:2n]), so a group visited twice
-per forward (compiled code may interleave independent groups) is learnt as it is. After that it
-expects order[pos + 1] next and keeps the groups of order[pos + 1 .. pos + prefetch] in flight.
-A request for anything else is a miss: served on demand, counted, and recording starts again.
-While recording (the first two forwards, or after a miss) groups are loaded on demand.
+The order is learnt from the sequence of group changes of the first forward, as a cycle: the
+trace ends when its first group is requested again (the next forward began). After that the
+scheduler expects order[pos + 1] next and keeps the groups of order[pos + 1 .. pos + prefetch] in
+flight. A request for anything else is a miss: served on demand, counted, and recording starts
+again from that group. A group visited twice per forward (compiled code may interleave
+independent groups) costs one miss: the new trace starts at a group visited once, so it is right.
+While recording, groups are loaded on demand.
 """
 
 from __future__ import annotations
@@ -111,12 +112,13 @@ class Scheduler:
 
     def _record(self, group: int) -> None:
         trace = self.trace
+        if trace and group == trace[0]:
+            # The first group again: guess that a new forward began and the cycle is the trace.
+            # A wrong guess (a group visited twice per forward) costs one miss, after which the
+            # trace starts at a group that is visited once, and the next guess is right.
+            self.order, self.recording, self.pos, self.trace = trace, False, 0, []
+            return
         trace.append(group)
-        # The shortest period n with the trace's first n changes seen twice in a row.
-        for n in range(1, len(trace) // 2 + 1):
-            if trace[n] == trace[0] and trace[:n] == trace[n : 2 * n] and len(trace) == 2 * n:
-                self.order, self.recording, self.pos, self.trace = trace[:n], False, n - 1, []
-                return
 
     def _expected_next(self) -> int | None:
         if self.recording or not self.order:

@@ -39,7 +39,7 @@ def test_learns_the_order_then_prefetches_it():
     engine, payloads, expected = make_engine(groups=6, prefetch=1)
     s = engine.scheduler
     forward(engine, payloads, expected, range(6))
-    assert s.recording  # one pass is not yet a cycle
+    assert s.recording  # the cycle closes when its first group comes back
     forward(engine, payloads, expected, range(6))
     assert s.order == list(range(6)) and not s.recording and s.stats.misses == 0
     hits, copies = s.stats.hits, s.stats.copies
@@ -189,3 +189,30 @@ def test_compiled_fetches_consult_the_scheduler(mode):
         for step in range(3):
             compiled(**case.inputs(step))
     assert s.stats.misses == misses and s.stats.hits > hits  # prefetched in the learnt order
+
+
+@pytest.mark.parametrize("granularity", ["block", "leaf"])
+def test_groups_follow_blocks_or_modules(granularity):
+    from offload_tensor.wrap import weight_groups
+
+    model = CASES[0].make()
+    weights = list(model.parameters())
+    groups = weight_groups(model, weights, granularity)
+    assert sorted(i for g in groups for i in g) == list(range(len(weights)))  # each weight exactly once
+    block = model.transformer_blocks[0]
+    block_ids = {id(p) for p in block.parameters()}
+    holding = [g for g in groups if any(id(weights[i]) in block_ids for i in g)]
+    if granularity == "block":
+        assert len(holding) == 1 and {id(weights[i]) for i in holding[0]} == block_ids
+    else:
+        assert len(holding) == sum(1 for m in block.modules() if any(p is not None for p in m._parameters.values()))
+
+
+def test_transformers_no_split_modules_are_blocks():
+    from offload_tensor.wrap import weight_groups
+
+    bert = CASES[-1].make()
+    weights = list(bert.parameters())
+    groups = weight_groups(bert, weights, "block")
+    layer_ids = {id(p) for p in bert.encoder.layer[0].parameters()}
+    assert any({id(weights[i]) for i in g} == layer_ids for g in groups)
