@@ -35,7 +35,10 @@ class Rule(enum.Enum):
     CLONE = "clone"
     """A new offloaded wrapper over a copy of the payload, on the offload device (deepcopy)."""
     WRITE_THROUGH = "write_through"
-    """Write the value into the payload, re-encoding it (copy_: `load_state_dict`)."""
+    """Write into the payload: copy_ re-encodes the value (`load_state_dict`); add_/sub_ change a
+    plain payload in place (LoRA fuse/unfuse), and are refused on encoded payloads, where the
+    result would be re-quantized, not exact; `.data = w` takes another offloaded weight of the
+    same kind (peft's safe merge) and refuses plain tensors (offloading hooks)."""
     REFUSE = "refuse"
     """An in-place change of an offloaded weight: raise an error that says what to do instead."""
 
@@ -56,9 +59,10 @@ TORCH_FUNCTION_RULES: dict[object, Rule] = {
     F.batch_norm: Rule.MATERIALIZE,
     F.instance_norm: Rule.MATERIALIZE,
     F.prelu: Rule.MATERIALIZE,
-    # `param.data = x` (accelerate hooks, diffusers group offloading) would swap the payload for an
-    # unmanaged tensor behind the wrapper's back.
-    torch.Tensor.data.__set__: Rule.REFUSE,
+    # `param.data = x`: another offloaded weight (peft's safe merge) is written through; a plain
+    # tensor (accelerate hooks, diffusers group offloading) would replace the payload behind the
+    # wrapper's back, and is refused.
+    torch.Tensor.data.__set__: Rule.WRITE_THROUGH,
 }
 
 ATEN_RULES: dict[torch._ops.OpOverloadPacket, Rule] = {
@@ -67,6 +71,8 @@ ATEN_RULES: dict[torch._ops.OpOverloadPacket, Rule] = {
     aten.alias: Rule.ALIAS,
     aten.clone: Rule.CLONE,
     aten.copy_: Rule.WRITE_THROUGH,
+    aten.add_: Rule.WRITE_THROUGH,
+    aten.sub_: Rule.WRITE_THROUGH,
     # metadata: tensors made "like" a weight need its metadata, not its values
     aten.empty_like: Rule.METADATA,
     aten.zeros_like: Rule.METADATA,
@@ -102,7 +108,6 @@ ATEN_RULES: dict[torch._ops.OpOverloadPacket, Rule] = {
     # other in-place ops (initializers, arithmetic): refused by name so the message is specific
     aten.fill_: Rule.REFUSE,
     aten.zero_: Rule.REFUSE,
-    aten.add_: Rule.REFUSE,
     aten.mul_: Rule.REFUSE,
     aten.normal_: Rule.REFUSE,
     aten.uniform_: Rule.REFUSE,

@@ -20,6 +20,8 @@ that produced its input, so fetches run in execution order.
 
 from __future__ import annotations
 
+import importlib
+import json
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -70,3 +72,38 @@ def fetch(payload: list[torch.Tensor], after: torch.Tensor | None, device: torch
 @fetch.register_fake
 def _(payload: list[torch.Tensor], after: torch.Tensor | None, device: torch.device) -> list[torch.Tensor]:
     return [torch.empty_like(t, device=device) for t in payload]
+
+
+# [Note: opaque linear]
+# Some payload subclasses cannot be rebuilt inside a compiled graph: optimum-quanto's tensors take
+# a `qtype` object in their constructor, which dynamo cannot put in a graph. For those, a compiled
+# F.linear runs as this op: it rebuilds the payload from its fetched inner tensors at run time and
+# calls F.linear on it, so the payload's own kernel runs exactly as in eager. Everything that
+# identifies the payload type travels as strings, stable across processes (inductor's caches).
+
+
+def _rebuild(spec: dict, inner: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    module, qualname = spec["cls"].split(":")
+    cls = importlib.import_module(module)
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
+    parts, used = {}, 0
+    for name in spec["names"]:
+        if name in spec["children"]:
+            parts[name], n = _rebuild(spec["children"][name], inner[used:])
+            used += n
+        else:
+            parts[name] = inner[used]
+            used += 1
+    return cls.__tensor_unflatten__(parts, spec["ctx"], spec["size"], spec["stride"]), used
+
+
+@torch.library.custom_op("offload_tensor::subclass_linear", mutates_args=(), tags=_TAGS)
+def subclass_linear(input: torch.Tensor, inner: list[torch.Tensor], bias: torch.Tensor | None, spec: str) -> torch.Tensor:
+    """F.linear(input, <payload rebuilt from inner by spec>, bias) (see [Note: opaque linear])."""
+    return torch.nn.functional.linear(input, _rebuild(json.loads(spec), inner)[0], bias)
+
+
+@subclass_linear.register_fake
+def _(input, inner, bias, spec):
+    return torch.nn.functional.linear(input, _rebuild(json.loads(spec), inner)[0], bias)

@@ -11,8 +11,9 @@ into its consumer.
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -78,7 +79,146 @@ class Float8:
         inner[1].copy_(scale)
 
 
-PayloadKind = Plain | Float8
+@dataclass(frozen=True, eq=False)
+class Subclass:
+    """A quantized tensor subclass (torchao, optimum-quanto), kept as its inner tensors.
+
+    The payload's own `__tensor_flatten__` names its inner tensors (`qdata`, `scale`, ... or
+    `_data`, `_scale`), recursively where an inner tensor is itself a subclass (quanto's packed
+    int4 data); the plain tensors at the leaves become the wrapper's inner tensors, so every one
+    of them lives on the offload device and is fetched with the others. `decode` rebuilds the
+    payload on the compute device with `__tensor_unflatten__`, and the op then runs through the
+    payload's own kernels. The payload's non-tensor attributes (its flatten context) are
+    constants here.
+    """
+
+    cls: type
+    ctx: Any
+    top_names: tuple[str, ...]
+    children: tuple[tuple[str, Subclass], ...]  # top-level inner tensors that are subclasses
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @functools.cached_property
+    def inner_names(self) -> tuple[str, ...]:
+        children = dict(self.children)
+        names: list[str] = []
+        for name in self.top_names:
+            if name in children:
+                names += [f"{name}__{sub}" for sub in children[name].inner_names]
+            else:
+                names.append(name)
+        return tuple(names)
+
+    @property
+    def name(self) -> str:
+        return "quanto" if self.cls.__module__.startswith("optimum.quanto.") else self.cls.__module__.split(".")[0]
+
+    @property
+    def opaque(self) -> bool:
+        """Rebuilt at run time by an opaque op under compile (see [Note: opaque linear] in ops.py)."""
+        return self.cls.__module__.startswith("optimum.quanto.")
+
+    @functools.cached_property
+    def spec(self) -> str:
+        """This kind as a JSON string: the constant argument of `offload_tensor::subclass_linear`."""
+        return json.dumps(self._spec(), sort_keys=True)
+
+    def _spec(self) -> dict:
+        return {
+            "cls": f"{self.cls.__module__}:{self.cls.__qualname__}",
+            "ctx": self.ctx,
+            "names": list(self.top_names),
+            "children": {name: child._spec() for name, child in self.children},
+            "size": list(self.size),
+            "stride": list(self.stride),
+        }
+
+    def __eq__(self, other) -> bool:
+        return self is other or (type(other) is Subclass and self._key() == other._key() and self.ctx == other.ctx)
+
+    def _key(self) -> tuple:
+        return (self.cls, self.top_names, self.children, self.size, self.stride)
+
+    def __hash__(self) -> int:
+        return hash((*self._key(), repr(self.ctx)))
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self) -> str:
+        return f"Subclass({self.cls.__qualname__}, {self.inner_names}, size={self.size})"
+
+    def encode(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        children = dict(self.children)
+        inner: list[torch.Tensor] = []
+        for name in self.top_names:
+            t = getattr(weight, name)
+            inner += children[name].encode(t) if name in children else [t]
+        return tuple(inner)
+
+    def decode(self, inner: tuple[torch.Tensor, ...], compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+        children = dict(self.children)
+        parts: dict[str, torch.Tensor] = {}
+        i = 0
+        for name in self.top_names:
+            if name in children:
+                n = len(children[name].inner_names)
+                parts[name] = children[name].decode(tuple(inner[i : i + n]))
+                i += n
+            else:
+                parts[name] = inner[i]
+                i += 1
+        return self.cls.__tensor_unflatten__(parts, self.ctx, self.size, self.stride)
+
+    def write(self, inner: tuple[torch.Tensor, ...], value: torch.Tensor) -> None:
+        if type(value) is not self.cls:
+            raise TypeError(
+                f"cannot write a {type(value).__name__} into an offloaded {self.cls.__qualname__} weight: load a "
+                f"state dict quantized the same way (its weights must be {self.cls.__qualname__})."
+            )
+        try:
+            same = subclass_kind(value) == self
+        except TypeError:
+            same = False
+        if not same:
+            raise ValueError(f"cannot write a {self.cls.__qualname__} quantized with other settings into this weight.")
+        for t, v in zip(inner, self.encode(value)):
+            t.copy_(v)
+
+
+PayloadKind = Plain | Float8 | Subclass
+
+SUPPORTED = (
+    "plain weights (stored as they are, or in fp8 with storage_dtype=), torchao quantized weights "
+    "(quantize_ or diffusers TorchAoConfig) and optimum-quanto frozen weights (or diffusers QuantoConfig)"
+)
+_subclass_kinds: dict[int, list[Subclass]] = {}
+
+
+def _is_supported_subclass(cls: type) -> bool:
+    module = cls.__module__
+    return module.startswith("torchao.") or module.startswith("optimum.quanto.")
+
+
+def subclass_kind(weight: torch.Tensor) -> Subclass:
+    """The interned kind of a quantized payload, or TypeError when offload_tensor cannot carry it."""
+    cls = type(weight)
+    if not _is_supported_subclass(cls) or not hasattr(weight, "__tensor_flatten__"):
+        raise TypeError(f"{cls.__module__}.{cls.__qualname__} is not supported; offload_tensor supports {SUPPORTED}.")
+    names, ctx = weight.__tensor_flatten__()
+    children = []
+    for name in names:
+        inner = getattr(weight, name)
+        if type(inner) is not torch.Tensor:
+            children.append((name, subclass_kind(inner)))
+    kind = Subclass(cls, ctx, tuple(names), tuple(children), tuple(weight.shape), tuple(weight.stride()))
+    interned = _subclass_kinds.setdefault(hash(kind), [])
+    for existing in interned:
+        if existing == kind:
+            return existing
+    interned.append(kind)
+    return kind
 
 
 PLAIN = Plain()
@@ -90,11 +230,14 @@ def _float8(storage_dtype: torch.dtype, per_channel: bool) -> Float8:
 
 
 def kind_for(weight: torch.Tensor, storage_dtype: torch.dtype | None, per_channel: bool) -> PayloadKind:
-    """fp8 for floating matrices and conv kernels; biases, norms and other 1-d tensors stay plain.
+    """fp8 for floating matrices and conv kernels; biases, norms and other 1-d tensors stay plain;
+    a weight that is already quantized (a torchao or quanto subclass) keeps its own encoding.
 
     Kinds are interned: every weight of a kind shares one instance, so the per-call metadata
     guard compares by identity.
     """
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter):
+        return subclass_kind(weight)
     if storage_dtype is None or weight.ndim < 2 or not weight.is_floating_point():
         return PLAIN
     return _float8(storage_dtype, per_channel)

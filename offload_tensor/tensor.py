@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_map_only
 
 from compile_rules.table import ATEN_RULES, TORCH_FUNCTION_RULES, Rule, aten_rule, mutates
-from offload_tensor.payloads import PayloadKind
+from offload_tensor.payloads import PayloadKind, Plain
 
 _DisableTorchFunctionSubclass = torch._C.DisableTorchFunctionSubclass
 _tf_rule = TORCH_FUNCTION_RULES.get
@@ -126,6 +126,8 @@ class OffloadedTensor(torch.Tensor):
                 return func(*args, **(kwargs or {}))
         if rule is Rule.REFUSE:
             raise RefusedOpError(_refusal(func, args))
+        if rule is Rule.WRITE_THROUGH:  # the `.data` setter
+            return _set_data(*args)
         if rule is not Rule.MATERIALIZE:
             raise NotImplementedError(f"torch-function rows are materialize or refuse; {func} has {rule}")
         after = None
@@ -144,6 +146,8 @@ class OffloadedTensor(torch.Tensor):
                     after = a
                 resolved.append(a)
         if pending:
+            if func is _linear and torch.compiler.is_compiling() and _opaque(resolved[1]):
+                return _opaque_linear(*resolved, **(kwargs or {}))
             resolved = [a.materialize(after) if type(a) is OffloadedTensor else a for a in resolved]
         if kwargs:
             kwargs = {k: v.materialize(after) if type(v) is OffloadedTensor else v for k, v in kwargs.items()}
@@ -164,17 +168,54 @@ class OffloadedTensor(torch.Tensor):
             return func(*tree_map_only(OffloadedTensor, _empty_like, args), **tree_map_only(OffloadedTensor, _empty_like, kwargs))
         written = [args[i] for i in mutates(func) if i < len(args) and isinstance(args[i], OffloadedTensor)]
         if written:
-            if rule is Rule.WRITE_THROUGH:
-                dst, src = args[0], args[1]
-                if isinstance(src, OffloadedTensor):
-                    src = src.materialize()
-                with torch.no_grad():
-                    dst._kind.write(dst._inner, src)
-                return dst
-            raise RefusedOpError(_refusal(func, args))
+            if rule is not Rule.WRITE_THROUGH:
+                raise RefusedOpError(_refusal(func, args))
+            dst = args[0]
+            rest = [a.materialize() if isinstance(a, OffloadedTensor) else a for a in args[1:]]
+            with torch.no_grad():
+                if func.overloadpacket is torch.ops.aten.copy_:
+                    dst._kind.write(dst._inner, rest[0])
+                elif isinstance(dst._kind, Plain):
+                    payload = dst._inner[0]
+                    func(payload, *[a.to(payload.device) if isinstance(a, torch.Tensor) else a for a in rest], **kwargs)
+                else:
+                    raise RefusedOpError(
+                        f"{func} on an offloaded {dst._kind.name} weight ({dst!r}) would re-quantize it, which is "
+                        "not exact; fuse LoRA weights (or make other in-place changes) before quantizing, or keep "
+                        "the adapter unfused."
+                    )
+            return dst
         after = _first_plain_tensor(args)
         materialize = lambda t: t.materialize(after)  # noqa: E731
         return func(*tree_map_only(OffloadedTensor, materialize, args), **tree_map_only(OffloadedTensor, materialize, kwargs))
+
+
+_linear = torch.nn.functional.linear
+
+
+def _opaque(weight) -> bool:
+    return type(weight) is OffloadedTensor and getattr(weight._kind, "opaque", False)
+
+
+def _opaque_linear(input, weight: OffloadedTensor, bias=None) -> torch.Tensor:
+    """A compiled F.linear on a payload dynamo cannot rebuild (see [Note: opaque linear])."""
+    inner = weight._inner
+    if weight._fetches:
+        inner = torch.ops.offload_tensor.fetch(list(inner), input, weight._compute_device)
+    if type(bias) is OffloadedTensor:
+        bias = bias.materialize(input)
+    return torch.ops.offload_tensor.subclass_linear(input, list(inner), bias, weight._kind.spec)
+
+
+def _set_data(dst: OffloadedTensor, value) -> None:
+    """`dst.data = value` (see Rule.WRITE_THROUGH)."""
+    if type(value) is OffloadedTensor and value._kind == dst._kind and value.shape == dst.shape:
+        if value._inner[0] is not dst._inner[0]:
+            with torch.no_grad():
+                for t, v in zip(dst._inner, value._inner):
+                    t.copy_(v)
+        return None
+    raise RefusedOpError(_refusal(torch.Tensor.data.__set__, (dst, value)))
 
 
 def _first_plain_tensor(args) -> torch.Tensor | None:

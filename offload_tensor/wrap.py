@@ -10,16 +10,18 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from offload_tensor import ops
 from offload_tensor.engine import Engine, SynchronousEngine
-from offload_tensor.payloads import FLOAT8_DTYPES, kind_for
+from offload_tensor.payloads import FLOAT8_DTYPES, SUPPORTED, kind_for, subclass_kind
 from offload_tensor.tensor import OffloadedTensor
 
 log = logging.getLogger("offload_tensor")
@@ -47,6 +49,7 @@ class OffloadState:
     # (module, buffer name) -> device before wrapping
     buffer_devices: dict[tuple[nn.Module, str], torch.device]
     hook_handles: list = field(default_factory=list)
+    routed: list = field(default_factory=list)  # modules whose forward an integration replaced
 
 
 def named_parameter_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
@@ -146,6 +149,11 @@ def wrap_model_for_offload(
             "wrapping it again with other settings."
         )
     _check_no_foreign_offloading(model)
+    quanto_in_use = "optimum.quanto" in sys.modules
+    if quanto_in_use:
+        from offload_tensor.integrations import quanto
+
+        quanto.check(model)
     slots = list(named_parameter_slots(model))
     for qualname, _, _, param in slots:
         _check_parameter(qualname, param)
@@ -198,6 +206,8 @@ def wrap_model_for_offload(
         module.__dict__["_apply"] = functools.partial(_guarded_apply, module, dtypes, compute_device)
         if any(isinstance(p, OffloadedTensor) for p in module._parameters.values()):
             state.hook_handles.append(module.register_state_dict_post_hook(_plain_state_dict))
+    if quanto_in_use:
+        state.routed = quanto.route(model)
     if fetches:
         ops.register_engine((ops.payload_key(p._inner) for p in wrapped.values()), engine)
     model.__dict__["_offload_state"] = state
@@ -233,6 +243,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         module.__dict__.pop("_apply", None)
     for handle in state.hook_handles:
         handle.remove()
+    if state.routed:
+        from offload_tensor.integrations import quanto
+
+        quanto.unroute(state.routed)
     if hasattr(state.engine, "close"):
         state.engine.close()
     del model.__dict__["_offload_state"]
@@ -327,17 +341,23 @@ def _check_parameter(qualname: str, param: torch.Tensor) -> None:
             f"{qualname} is already an OffloadedTensor (this module is part of a wrapped model); wrap a model "
             "once, from its root, or unwrap_model the outer model first."
         )
-    if type(param) is not nn.Parameter or type(param.data) is not torch.Tensor:
-        kind = type(param) if type(param) is not nn.Parameter else type(param.data)
-        raise TypeError(
-            f"{qualname} is a {kind.__module__}.{kind.__qualname__}; offload_tensor supports plain weights, "
-            "stored as they are or in fp8 (storage_dtype=). Load the model without that quantization backend."
-        )
     if param.is_meta:
         raise ValueError(
             f"{qualname} is on the meta device (the model was created without weights, e.g. under "
             "init_empty_weights or low_cpu_mem_usage); load its weights before wrap_model_for_offload."
         )
+    if type(param) is nn.Parameter and type(param.data) is torch.Tensor:
+        return
+    if type(param) is not nn.Parameter and is_traceable_wrapper_subclass(param):
+        try:
+            subclass_kind(param)
+            return
+        except TypeError as e:
+            reason = str(e)
+    else:
+        cls = type(param) if type(param) is not nn.Parameter else type(param.data)
+        reason = f"{cls.__module__}.{cls.__qualname__} is not supported; offload_tensor supports {SUPPORTED}."
+    raise TypeError(f"{qualname}: {reason} Load the model without that quantization backend, or quantize it with torchao.")
 
 
 def _guarded_apply(module: nn.Module, dtypes: tuple[torch.dtype, ...], device: torch.device, fn, recurse=True):

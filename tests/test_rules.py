@@ -23,6 +23,11 @@ def off(t: torch.Tensor) -> OffloadedTensor:
     return OffloadedTensor((t.clone(),), Plain(), t.dtype, t.device, fetches=True)
 
 
+def like(w, value):
+    """`value`, offloaded when `w` is (the value a `.data =` sample assigns)."""
+    return off(value) if isinstance(w, OffloadedTensor) else value
+
+
 def r(*shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
 
@@ -44,7 +49,7 @@ TF_SAMPLES = {
     F.batch_norm: ([r(4), r(4)], lambda w, b: F.batch_norm(r(3, 4), r(4), r(4).abs(), w, b)),
     F.instance_norm: ([r(4), r(4)], lambda w, b: F.instance_norm(r(1, 4, 5), weight=w, bias=b)),  # kwargs
     F.prelu: ([r(1)], lambda w: F.prelu(r(2, 3), w)),
-    torch.Tensor.data.__set__: ([r(3, 3)], lambda w: setattr(w, "data", torch.zeros(3, 3))),
+    torch.Tensor.data.__set__: ([r(3, 3)], lambda w: (setattr(w, "data", like(w, torch.full((3, 3), 2.0))), w)[1]),
 }
 
 ATEN_SAMPLES = {
@@ -82,7 +87,8 @@ ATEN_SAMPLES = {
     aten.equal: ([r(4)], lambda w: torch.equal(w, r(4))),
     aten.fill_: ([r(3)], lambda w: w.fill_(1.0)),
     aten.zero_: ([r(3)], lambda w: w.zero_()),
-    aten.add_: ([r(3)], lambda w: w.add_(1.0)),
+    aten.add_: ([r(3)], lambda w: w.add_(torch.ones(3))),
+    aten.sub_: ([r(3)], lambda w: w.sub_(torch.ones(3))),
     aten.mul_: ([r(3)], lambda w: w.mul_(2.0)),
     aten.normal_: ([r(3)], lambda w: w.normal_()),
     aten.uniform_: ([r(3)], lambda w: w.uniform_()),

@@ -1,0 +1,220 @@
+"""Quantized payloads (torchao, optimum-quanto): offloaded weights keep every inner tensor on the
+offload device, run through the payload's own kernels, equal the quantized model without
+offloading, and compile without breaks or extra graphs."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import compile_rules
+from models import CASES, output
+from offload_tensor import RecordingEngine, offload_report, unwrap_model, wrap_model_for_offload
+from offload_tensor.engine.fake import FakeBackend
+from offload_tensor.engine.streaming import StreamingEngine
+
+torchao = pytest.importorskip("torchao")
+quanto = pytest.importorskip("optimum.quanto")
+from torchao.quantization import (  # noqa: E402
+    Float8WeightOnlyConfig,
+    Int4WeightOnlyConfig,
+    Int8DynamicActivationInt8WeightConfig,
+    Int8WeightOnlyConfig,
+    quantize_,
+)
+
+FLUX, WAN = CASES[0], CASES[1]
+TORCHAO = {
+    "int8wo": Int8WeightOnlyConfig,
+    "float8wo": Float8WeightOnlyConfig,
+    "int8dq": Int8DynamicActivationInt8WeightConfig,
+    "int4wo": Int4WeightOnlyConfig,
+}
+QUANTO = {"qint8": quanto.qint8, "qfloat8": quanto.qfloat8, "qint4": quanto.qint4}
+SCHEMES = [("torchao", s) for s in TORCHAO] + [("quanto", s) for s in QUANTO]
+
+
+def quantized(case, backend, scheme):
+    model = case.make()
+    if backend == "torchao":
+        try:
+            quantize_(model, TORCHAO[scheme]())
+            with torch.no_grad():
+                model(**case.inputs(0))
+        except (ImportError, RuntimeError, NotImplementedError) as e:  # no kernel in this build
+            pytest.skip(f"torchao {scheme} has no kernel here: {str(e).splitlines()[0][:120]}")
+    else:
+        quanto.quantize(model, weights=QUANTO[scheme])
+        quanto.freeze(model)
+    if all(type(p) is nn.Parameter for p in model.parameters()):
+        pytest.skip(f"{backend} {scheme} quantized no weight of this tiny model (shapes below its group size)")
+    return model
+
+
+def payload_devices(model):
+    return {t.device.type for p in model.parameters() for t in p._inner}
+
+
+@pytest.mark.parametrize("case", [FLUX, WAN], ids=["flux", "wan"])
+@pytest.mark.parametrize("backend,scheme", SCHEMES, ids=[s for _, s in SCHEMES])
+def test_offloaded_equals_quantized_and_compiles_clean(case, backend, scheme):
+    unquantized = case.make()
+    model = quantized(case, backend, scheme)
+    with torch.no_grad():
+        reference = output(unquantized(**case.inputs(0)))
+        expected = output(model(**case.inputs(0)))
+    assert not torch.equal(expected, reference)  # the quantization is real: the test is not void
+    plain = compile_rules.check(model, repeated_blocks=True, **case.inputs(0))
+
+    engine = RecordingEngine()  # every fetch through the op, every inner tensor copied
+    wrap_model_for_offload(model, engine=engine)
+    assert payload_devices(model) == {"cpu"}
+    assert any(p._kind.name == backend for p in model.parameters())
+    with torch.no_grad():
+        assert torch.equal(output(model(**case.inputs(0))), expected)
+    assert len(set(engine.keys)) == len(list(model.parameters()))
+
+    report = compile_rules.check(model, repeated_blocks=True, fullgraph=plain.graph_breaks == 0, **case.inputs(0))
+    if plain.graph_breaks == 0:
+        assert report.graph_breaks == 0, report
+    else:  # where the plain quantized model breaks itself, we add no break of our own
+        assert report.graph_breaks == plain.graph_breaks, f"plain: {plain}\nwrapped: {report}"
+    assert report.graphs <= plain.graphs, f"plain: {plain}\nwrapped: {report}"
+
+
+@pytest.mark.parametrize("backend,scheme", [("torchao", "int8wo"), ("quanto", "qint8"), ("quanto", "qint4")])
+@pytest.mark.parametrize("granularity", ["leaf", "block"])
+@pytest.mark.parametrize("prefetch", [0, 2], ids=["synchronous", "prefetch"])
+def test_seed_scenario_grid_equals_quantized_baseline(backend, scheme, granularity, prefetch):
+    """The diffusers bug this project grew from: group offloading of torchao/quanto weights left
+    inner tensors behind. Here every inner tensor streams, in every configuration."""
+    model = quantized(FLUX, backend, scheme)
+    with torch.no_grad():
+        expected = [output(model(**FLUX.inputs(step))) for step in range(3)]
+    engine = StreamingEngine(FakeBackend())
+    wrap_model_for_offload(model, engine=engine, granularity=granularity, prefetch=prefetch)
+    with torch.no_grad():
+        for step in range(3):
+            assert torch.equal(output(model(**FLUX.inputs(step))), expected[step])
+    assert engine.scheduler.stats.copies > 0
+
+
+def test_report_counts_quantized_inner_bytes_exactly():
+    model = quantized(FLUX, "torchao", "int8wo")
+    inner = sum(
+        getattr(p, n).numel() * getattr(p, n).element_size()
+        for p in model.parameters()
+        if type(p) is not nn.Parameter
+        for n in p.__tensor_flatten__()[0]
+    )
+    report = offload_report(wrap_model_for_offload(model))
+    assert report.by_kind["torchao"] == inner
+
+
+def test_state_dict_round_trips_into_a_fresh_quantized_model():
+    model = quantized(FLUX, "torchao", "int8wo")
+    wrap_model_for_offload(model)
+    with torch.no_grad():
+        expected = output(model(**FLUX.inputs(1)))
+    state = model.state_dict()
+    fresh = quantized(FLUX, "torchao", "int8wo")
+    for p in fresh.parameters():  # make sure the load really changes something
+        for n in p.__tensor_flatten__()[0] if type(p) is not nn.Parameter else ():
+            getattr(p, n).zero_()
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(output(fresh(**FLUX.inputs(1))), expected)
+
+
+def test_load_state_dict_into_wrapped_quantized_model_writes_through():
+    source = quantized(FLUX, "quanto", "qint8")
+    target = wrap_model_for_offload(quantized(FLUX, "quanto", "qint8"))
+    with torch.no_grad():
+        for p in source.parameters():
+            if type(p) is nn.Parameter:
+                p.add_(0.5)  # plain weights differ...
+    target.load_state_dict(source.state_dict())
+    with torch.no_grad():
+        assert torch.equal(output(target(**FLUX.inputs(0))), output(source(**FLUX.inputs(0))))
+
+
+@pytest.mark.parametrize("quant", ["torchao", "quanto"])
+def test_diffusers_quantization_configs_load_then_wrap(tmp_path, quant):
+    from diffusers import FluxTransformer2DModel, QuantoConfig, TorchAoConfig
+
+    FLUX.make().save_pretrained(tmp_path)
+    # diffusers 0.42 takes a torchao config object where older releases took the name "int8wo"
+    config = TorchAoConfig(Int8WeightOnlyConfig()) if quant == "torchao" else QuantoConfig(weights_dtype="int8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = FluxTransformer2DModel.from_pretrained(tmp_path, quantization_config=config).eval()
+    with torch.no_grad():
+        expected = output(model(**FLUX.inputs(0)))
+    wrap_model_for_offload(model, engine=RecordingEngine())
+    with torch.no_grad():
+        assert torch.equal(output(model(**FLUX.inputs(0))), expected)
+    report = compile_rules.check(model, repeated_blocks=True, fullgraph=True, **FLUX.inputs(0))
+    assert report.graph_breaks == 0
+
+
+class _UnknownQuantized(torch.Tensor):
+    """An unknown traceable wrapper subclass (as a new quantization library would make)."""
+
+    @staticmethod
+    def __new__(cls, data):
+        return torch.Tensor._make_wrapper_subclass(cls, data.shape, dtype=data.dtype, device=data.device)
+
+    def __init__(self, data):
+        self.quantized = data
+
+    def __tensor_flatten__(self):
+        return ["quantized"], None
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.detach.default:
+            return cls(args[0].quantized)
+        raise NotImplementedError
+
+
+class _GGUFParameter(nn.Parameter):
+    """The shape of diffusers' GGUFParameter: an nn.Parameter subclass carrying packed data."""
+
+
+def test_unsupported_weights_are_a_type_error_listing_what_is_supported():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = nn.Parameter(_UnknownQuantized(torch.randn(4, 4)), requires_grad=False)
+    model[0].weight = _GGUFParameter(torch.randn(4, 4))
+    params = list(model.parameters())
+    with pytest.raises(TypeError, match=r"0\.weight: .*GGUFParameter is not supported; .*torchao.*optimum-quanto"):
+        wrap_model_for_offload(model)
+    model[0].weight = nn.Parameter(torch.randn(4, 4))
+    params = list(model.parameters())
+    with pytest.raises(TypeError, match=r"1\.weight: .*_UnknownQuantized is not supported; .*torchao.*optimum-quanto"):
+        wrap_model_for_offload(model)
+    assert list(model.parameters()) == params
+
+
+def test_quanto_module_quantizing_activations_is_refused():
+    model = FLUX.make()
+    quanto.quantize(model, weights=quanto.qint8, activations=quanto.qint8)
+    quanto.freeze(model)
+    params = list(model.parameters())
+    with pytest.raises(TypeError, match="quantizes its activations"):
+        wrap_model_for_offload(model)
+    assert list(model.parameters()) == params
+
+
+def test_unwrap_gives_the_quantized_weights_back():
+    model = quantized(FLUX, "quanto", "qint4")
+    before = copy.deepcopy(model.state_dict())
+    unwrap_model(wrap_model_for_offload(model))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert type(after[k]) is type(before[k])
+        assert torch.equal(after[k].dequantize() if hasattr(after[k], "dequantize") else after[k],
+                           before[k].dequantize() if hasattr(before[k], "dequantize") else before[k])
+    assert "forward" not in model.transformer_blocks[0].attn.to_q.__dict__  # quanto routing undone
