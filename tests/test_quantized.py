@@ -218,3 +218,41 @@ def test_unwrap_gives_the_quantized_weights_back():
         assert torch.equal(after[k].dequantize() if hasattr(after[k], "dequantize") else after[k],
                            before[k].dequantize() if hasattr(before[k], "dequantize") else before[k])
     assert "forward" not in model.transformer_blocks[0].attn.to_q.__dict__  # quanto routing undone
+
+
+def test_save_pretrained_round_trips_a_wrapped_torchao_model(tmp_path):
+    from diffusers import FluxTransformer2DModel, TorchAoConfig
+
+    FLUX.make().save_pretrained(tmp_path / "plain")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = FluxTransformer2DModel.from_pretrained(
+            tmp_path / "plain", quantization_config=TorchAoConfig(Int8WeightOnlyConfig())
+        ).eval()
+    wrap_model_for_offload(model)
+    with torch.no_grad():
+        expected = output(model(**FLUX.inputs(2)))
+    model.save_pretrained(tmp_path / "wrapped", safe_serialization=False)  # torchao checkpoints are not safetensors
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = FluxTransformer2DModel.from_pretrained(tmp_path / "wrapped", use_safetensors=False).eval()
+    assert any(type(p) is not nn.Parameter for p in fresh.parameters())  # loaded quantized
+    with torch.no_grad():
+        assert torch.equal(output(fresh(**FLUX.inputs(2))), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend,scheme", [("torchao", "int8wo"), ("quanto", "qint8")])
+def test_cuda_streamed_quantized_equals_resident(backend, scheme):
+    resident = quantized(FLUX, backend, scheme).cuda()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in FLUX.inputs(0).items()}
+    with torch.no_grad():
+        expected = output(resident(**inputs))
+    model = wrap_model_for_offload(quantized(FLUX, backend, scheme), device="cuda", prefetch=1)
+    assert payload_devices(model) == {"cpu"}
+    with torch.no_grad():
+        assert torch.equal(output(model(**inputs)), expected)
+    model.compile_repeated_blocks(fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(output(model(**inputs)), expected, atol=1e-3, rtol=1e-3)
