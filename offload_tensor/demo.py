@@ -26,6 +26,39 @@ TINY_FLUX_CONFIG = dict(
 )
 
 
+TINY_WAN_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=4,
+    out_channels=4,
+    text_dim=16,
+    freq_dim=32,
+    ffn_dim=32,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
+
+
+def tiny_wan(seed: int = 0) -> nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(**TINY_WAN_CONFIG).eval()
+
+
+def tiny_wan_inputs(seed: int = 0, device: str | torch.device = "cpu") -> dict:
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(
+        hidden_states=torch.randn(1, 4, 2, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(1, 6, 16, generator=g),
+        timestep=torch.tensor([3]),
+    )
+    return {k: v.to(device) for k, v in inputs.items()} | {"return_dict": False}
+
+
 def tiny_flux(seed: int = 0) -> nn.Module:
     try:
         from diffusers import FluxTransformer2DModel

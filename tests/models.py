@@ -58,21 +58,15 @@ def _flux_inputs(seed: int) -> dict:
 
 
 def _wan() -> nn.Module:
-    from diffusers import WanTransformer3DModel
+    from offload_tensor.demo import tiny_wan
 
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-    )
+    return tiny_wan()
 
 
 def _wan_inputs(seed: int) -> dict:
-    g = _gen(seed)
-    return dict(
-        hidden_states=torch.randn(1, 4, 2, 8, 8, generator=g), encoder_hidden_states=torch.randn(1, 6, 16, generator=g),
-        timestep=torch.tensor([3]), return_dict=False,
-    )
+    from offload_tensor.demo import tiny_wan_inputs
+
+    return tiny_wan_inputs(seed)
 
 
 def _sd3() -> nn.Module:
