@@ -114,7 +114,7 @@ def build(config: Config):
     elif config.model == "flux-shaped":
         from bench.stream import build_model, inputs as flux_inputs
 
-        args = argparse.Namespace(tiny=False, double=4, single=8)
+        args = argparse.Namespace(double=4, single=8)  # ~5 GB of bf16 weights
         model, cfg = build_model(args)
         inputs = flux_inputs(args, cfg, "cpu")
     else:
@@ -200,6 +200,7 @@ def run_config(config: Config) -> dict:
 
     model, inputs = build(config)
     quantize(model, config.quant)
+    weight_bytes = sum(_nbytes(p) for p in model.parameters())
     with torch.no_grad():
         reference = _output(model.to(config.device)(**{k: v.to(config.device) if hasattr(v, "to") else v for k, v in inputs.items()})).float().cpu()
     model = model.cpu()
@@ -242,11 +243,35 @@ def run_config(config: Config) -> dict:
 
         metrics |= dict(
             step_s=statistics.median(times),
+            step_s_all=times,
             peak_vram_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            pinned_host_bytes=pinned_bytes(model),
+            weight_bytes=weight_bytes,
             rss_bytes=psutil.Process().memory_info().rss,
             max_abs_diff=(_output(out).float().cpu() - reference).abs().max().item(),
         )
     return metrics
+
+
+def _nbytes(t) -> int:
+    if hasattr(t, "__tensor_flatten__"):
+        return sum(_nbytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
+
+
+def pinned_bytes(model) -> int:
+    """Host bytes pinned for `model`: our engine's arenas, or the pinned parameters of a hook
+    based offloader (diffusers' stream mode pins per parameter)."""
+    state = getattr(model, "_offload_state", None) or getattr(getattr(model, "_orig_mod", None), "_offload_state", None)
+    if state is not None:
+        return getattr(getattr(state.engine, "backend", None), "pinned_bytes", 0)
+    total = 0
+    for p in model.parameters():
+        try:
+            total += _nbytes(p) if p.device.type == "cpu" and p.is_pinned() else 0
+        except (RuntimeError, NotImplementedError):
+            pass
+    return total
 
 
 # -- the parent: environment, records, report -----------------------------------------------------
@@ -305,7 +330,12 @@ def append(path: Path, record: dict) -> None:
 def run_child(config: Config, timeout: int = 900) -> dict:
     cmd = [sys.executable, "-m", "bench", "child", json.dumps(dataclasses.asdict(config))]
     root = Path(__file__).resolve().parents[1]
-    env = os.environ | {"PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = os.environ | {
+        "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        # compile times are measured cold: no FX-graph or AOTAutograd cache hits from earlier runs
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
+    }
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root, env=env)
     except subprocess.TimeoutExpired:

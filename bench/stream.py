@@ -18,8 +18,11 @@ Configurations (names: ours start with offload_tensor_, diffusers' with diffuser
   diffusers_leaf_stream_crb         ... + compile_repeated_blocks
   diffusers_sequential              accelerate cpu_offload (what enable_sequential_cpu_offload does)
 
-    python bench/stream.py [--double 4 --single 8] [--steps 5] [--only NAME ...] [--out bench/results]
+    python bench/stream.py [--steps 5] [--prefetch 1] [--only NAME ...] [--out bench/results]
     python bench/stream.py --tiny --device cpu --only offload_tensor_block_eager   # plumbing check
+
+Each configuration is a configuration of the benchmark harness (bench/harness.py; model
+"flux-shaped"), so this script and `python -m bench run gpu-step` share one code path.
 """
 
 from __future__ import annotations
@@ -27,15 +30,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/stream.py` finds `bench`
 
 CONFIGS = [
     "resident_compiled",
@@ -51,17 +54,13 @@ CONFIGS = [
 
 
 def build_model(args):
+    """The Flux-shaped bf16 transformer (random init, seeded); `args.double`/`args.single` blocks."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
-    if args.tiny:
-        cfg = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
-                   guidance_embeds=True)
-    else:
-        cfg = dict(patch_size=1, in_channels=64, num_layers=args.double, num_single_layers=args.single,
-                   attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                   pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    cfg = dict(patch_size=1, in_channels=64, num_layers=args.double, num_single_layers=args.single,
+               attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+               pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
     with torch.device("meta"):
         model = FluxTransformer2DModel(**cfg)
     model = model.to_empty(device="cpu").to(torch.bfloat16)
@@ -71,8 +70,9 @@ def build_model(args):
 
 
 def inputs(args, cfg, device):
+    """FLUX.1-dev's 1024x1024 shapes: 4096 image tokens, 512 text tokens."""
     g = torch.Generator().manual_seed(1)
-    img, txt = (16, 8) if args.tiny else (4096, 512)
+    img, txt = 4096, 512
     x = dict(
         hidden_states=torch.randn(1, img, cfg["in_channels"], generator=g),
         encoder_hidden_states=torch.randn(1, txt, cfg["joint_attention_dim"], generator=g),
@@ -92,64 +92,29 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def rss_bytes() -> int:
-    import psutil
+# Each name is a configuration of the harness (bench/harness.py), run the same way as every other
+# benchmark: its own subprocess, the same model builder, the same method code.
+def harness_config(name: str, args):
+    from bench.harness import Config
 
-    return psutil.Process().memory_info().rss
-
-
-def run_one(args) -> dict:
-    """One configuration, in this process; returns its row."""
-    device = torch.device(args.device)
-    model, cfg = build_model(args)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    name = args.run
-    pinned = 0
-    if name == "resident_compiled":
-        model.to(device).compile_repeated_blocks(fullgraph=True)
-    elif name.startswith("offload_tensor_"):
-        from offload_tensor import wrap_model_for_offload
-
-        granularity = "leaf" if "_leaf_" in name else "block"
-        wrap_model_for_offload(model, device=device, granularity=granularity, prefetch=args.prefetch)
-        engine = model._offload_state.engine
-        pinned = getattr(getattr(engine, "backend", None), "pinned_bytes", 0)
-        if name.endswith("_compiled"):
-            model.compile_repeated_blocks(fullgraph=True)
-    elif name.startswith("diffusers_block_stream") or name.startswith("diffusers_leaf_stream"):
-        level = "block_level" if "_block_" in name else "leaf_level"
-        extra = {"num_blocks_per_group": 1} if level == "block_level" else {}
-        model.enable_group_offload(device, offload_device=torch.device("cpu"), offload_type=level, use_stream=True, **extra)
-        pinned = sum(p.numel() * p.element_size() for p in model.parameters() if p.is_pinned())
-        if name.endswith("_crb"):
-            model.compile_repeated_blocks()  # fullgraph=True fails on its hooks' graph breaks
-    elif name == "diffusers_sequential":
-        from accelerate import cpu_offload
-
-        cpu_offload(model, execution_device=device)
-    else:
-        raise SystemExit(f"unknown config {name}; choose from {CONFIGS}")
-    x = inputs(args, cfg, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    with torch.no_grad():
-        for step in range(args.warmup + args.steps):
-            sync(device)
-            start = time.perf_counter()
-            model(**x)
-            sync(device)
-            if step >= args.warmup:
-                times.append(time.perf_counter() - start)
-    return {
-        "name": name,
-        "step_s": statistics.median(times),
-        "step_s_all": times,
-        "peak_vram_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "pinned_host_bytes": pinned,
-        "weight_bytes": weight_bytes,
-        "rss_bytes": rss_bytes(),
+    base = dict(model="flux-shaped", dtype="bfloat16", device=args.device, measure="step", steps=args.steps,
+                prefetch=args.prefetch)
+    if args.tiny:
+        base |= dict(model="flux-tiny", dtype="float32")
+    table = {
+        "resident_compiled": dict(method="resident", compile="crb"),
+        "offload_tensor_block_eager": dict(method="ours", compile="none"),
+        "offload_tensor_block_compiled": dict(method="ours", compile="crb"),
+        "offload_tensor_leaf_compiled": dict(method="ours", compile="crb", granularity="leaf"),
+        "diffusers_block_stream": dict(method="diffusers_group", compile="none", use_stream=True),
+        "diffusers_block_stream_crb": dict(method="diffusers_group", compile="crb", use_stream=True),
+        "diffusers_leaf_stream": dict(method="diffusers_group", compile="none", use_stream=True, granularity="leaf"),
+        "diffusers_leaf_stream_crb": dict(method="diffusers_group", compile="crb", use_stream=True, granularity="leaf"),
+        "diffusers_sequential": dict(method="sequential_cpu_offload", compile="none"),
     }
+    if name not in table:
+        raise SystemExit(f"unknown config {name}; choose from {list(table)}")
+    return Config(**base, **table[name])
 
 
 def h2d_gbps(device, pinned: bool, nbytes: int = 1 << 30) -> float | None:
@@ -170,8 +135,6 @@ def h2d_gbps(device, pinned: bool, nbytes: int = 1 << 30) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--double", type=int, default=4)
-    parser.add_argument("--single", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--prefetch", type=int, default=1)
@@ -179,24 +142,14 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny config (checks the plumbing, not the GPU)")
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # child: run one config, print JSON
     args = parser.parse_args()
-    if args.run:
-        print("RESULT " + json.dumps(run_one(args)), flush=True)
-        return
+    from bench.harness import run_child
 
     device = torch.device(args.device)
     pinned_gbps, pageable_gbps = h2d_gbps(device, True), h2d_gbps(device, False)
     rows = []
     for name in args.only or CONFIGS:
-        child = [sys.executable, __file__, "--run", name, *sys.argv[1:]]
-        done = subprocess.run(child, capture_output=True, text=True, env=os.environ)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode != 0 or not lines:
-            rows.append({"name": name, "error": (done.stderr or done.stdout)[-2000:]})
-            print(f"{name}: failed\n{rows[-1]['error']}", flush=True)
-            continue
-        rows.append(json.loads(lines[-1][len("RESULT "):]))
+        rows.append({"name": name, **run_child(harness_config(name, args), timeout=1800)})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "step_s_all"}), flush=True)
 
     compute = next((r["step_s"] for r in rows if r["name"] == "resident_compiled" and "step_s" in r), None)

@@ -49,6 +49,14 @@ def register_engine(keys: Iterable[int], engine: Engine) -> None:
         _engines[key] = engine
 
 
+def before_write(key: int) -> None:
+    """A weight's payload is about to change in place: the engine serving it must finish reading
+    its host copy and forget any device copy it holds (they would be stale)."""
+    engine = _engines.get(key)
+    if engine is not None and hasattr(engine, "invalidate"):
+        engine.invalidate()
+
+
 def unregister_engine(key: int, engine: Engine) -> None:
     """Forget `key`, if `engine` is the one serving it (a copy of a model never unregisters the
     original's weights)."""

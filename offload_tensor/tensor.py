@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_map_only
 
 from compile_rules.table import ATEN_RULES, TORCH_FUNCTION_RULES, Rule, aten_rule, mutates
+from offload_tensor import ops
 from offload_tensor.payloads import PayloadKind, Plain
 
 _DisableTorchFunctionSubclass = torch._C.DisableTorchFunctionSubclass
@@ -146,7 +147,7 @@ class OffloadedTensor(torch.Tensor):
                     after = a
                 resolved.append(a)
         if pending:
-            if func is _linear and torch.compiler.is_compiling() and _opaque(resolved[1]):
+            if func is _linear and len(resolved) > 1 and torch.compiler.is_compiling() and _opaque(resolved[1]):
                 return _opaque_linear(*resolved, **(kwargs or {}))
             resolved = [a.materialize(after) if type(a) is OffloadedTensor else a for a in resolved]
         if kwargs:
@@ -172,6 +173,7 @@ class OffloadedTensor(torch.Tensor):
                 raise RefusedOpError(_refusal(func, args))
             dst = args[0]
             rest = [a.materialize() if isinstance(a, OffloadedTensor) else a for a in args[1:]]
+            ops.before_write(ops.payload_key(dst._inner))
             with torch.no_grad():
                 if func.overloadpacket is torch.ops.aten.copy_:
                     dst._kind.write(dst._inner, rest[0])
@@ -211,6 +213,7 @@ def _set_data(dst: OffloadedTensor, value) -> None:
     """`dst.data = value` (see Rule.WRITE_THROUGH)."""
     if type(value) is OffloadedTensor and value._kind == dst._kind and value.shape == dst.shape:
         if value._inner[0] is not dst._inner[0]:
+            ops.before_write(ops.payload_key(dst._inner))
             with torch.no_grad():
                 for t, v in zip(dst._inner, value._inner):
                     t.copy_(v)

@@ -64,6 +64,10 @@ class CudaBackend:
                 return
             self.pinned.append(arena.buffer)
 
+    def quiesce(self) -> None:
+        """Wait for in-flight copies (before host payloads are written; never on the hot path)."""
+        self.copy_stream.synchronize()
+
     def close(self) -> None:
         cudart = torch.cuda.cudart()
         for buffer in self.pinned:

@@ -39,6 +39,14 @@ class StreamingEngine:
         self.scheduler = Scheduler(group_of, prefetch, self.backend)
         return payloads
 
+    def invalidate(self) -> None:
+        """Payloads are about to be written (load_state_dict, LoRA fuse): let in-flight copies
+        finish, and forget what the slots hold, so the next fetch copies the new values."""
+        if hasattr(self.backend, "quiesce"):
+            self.backend.quiesce()
+        if self.scheduler is not None:
+            self.scheduler.reset()
+
     def close(self) -> None:
         """Give back what the backend holds (pinned registrations); called by unwrap_model."""
         if hasattr(self.backend, "close"):

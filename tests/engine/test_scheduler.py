@@ -216,3 +216,28 @@ def test_transformers_no_split_modules_are_blocks():
     groups = weight_groups(bert, weights, "block")
     layer_ids = {id(p) for p in bert.encoder.layer[0].parameters()}
     assert any({id(weights[i]) for i in g} == layer_ids for g in groups)
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "fuse_lora"])
+def test_writes_to_payloads_are_not_served_stale_from_slots(change):
+    """A write-through (load_state_dict, LoRA fuse) must not leave the old weights in a slot."""
+    case = CASES[0]
+    engine = StreamingEngine(FakeBackend())
+    model = wrap_model_for_offload(case.make(), engine=engine, prefetch=1)
+    reference = case.make()
+    with torch.no_grad():
+        for step in range(3):  # learn the order, fill the slots
+            model(**case.inputs(step))
+        if change == "load_state_dict":
+            for p in reference.parameters():
+                p.add_(0.25)
+            model.load_state_dict(reference.state_dict())
+        else:
+            from peft import LoraConfig
+
+            config = LoraConfig(r=2, target_modules=["to_q", "to_k"], init_lora_weights=False)
+            for m in (model, reference):
+                torch.manual_seed(3)
+                m.add_adapter(config)
+                m.fuse_lora()
+        assert torch.equal(output(model(**case.inputs(5))), output(reference(**case.inputs(5))))
