@@ -289,7 +289,7 @@ def environment(device: str) -> dict:
     if device.startswith("cuda") and torch.cuda.is_available():
         device_name = torch.cuda.get_device_name()
     else:
-        device_name = _cpu_name()
+        device_name = cpu_name()
     return {
         "device": device_name,
         "torch": torch.__version__,
@@ -303,7 +303,7 @@ def environment(device: str) -> dict:
     }
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

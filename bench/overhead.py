@@ -25,7 +25,8 @@ from torch import nn
 
 from offload_tensor import wrap_model_for_offload
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/overhead.py` finds `bench`
+from bench.harness import cpu_name  # noqa: E402
 
 
 def mlp(width: int) -> tuple[nn.Module, dict]:
@@ -35,24 +36,13 @@ def mlp(width: int) -> tuple[nn.Module, dict]:
 
 
 def flux() -> tuple[nn.Module, dict]:
-    from models import CASES  # the tests' tiny Flux, so the bench measures what the tests check
+    from offload_tensor.demo import tiny_flux, tiny_flux_inputs  # the demo's (and the tests') tiny Flux
 
-    case = CASES[0]
-    return case.make(), case.inputs(0)
+    return tiny_flux(), tiny_flux_inputs()
 
 
 # mlp-8x16 computes almost nothing: its step-time difference is the wrapper's fixed cost per step.
 MODELS = {"mlp-8x1024-b8": lambda: mlp(1024), "flux-tiny": flux, "mlp-8x16-b8": lambda: mlp(16)}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def step_time(fn, inputs: dict, steps: int) -> float:

@@ -29,6 +29,8 @@ class StreamingEngine:
     def prepare(
         self, groups: Sequence[Sequence[tuple[torch.Tensor, ...]]], prefetch: int, key_of
     ) -> list[list[tuple[torch.Tensor, ...]]]:
+        if self.scheduler is not None:
+            raise ValueError("this StreamingEngine already serves a model; create one engine per wrapped model.")
         total = sum(t.numel() * t.element_size() for group in groups for payload in group for t in payload)
         bar = tqdm(groups, desc="offload_tensor: host arenas", unit="group", disable=total <= PROGRESS_BYTES)
         self.arenas = [build_arena(group) for group in bar]

@@ -241,3 +241,13 @@ def test_writes_to_payloads_are_not_served_stale_from_slots(change):
                 m.add_adapter(config)
                 m.fuse_lora()
         assert torch.equal(output(model(**case.inputs(5))), output(reference(**case.inputs(5))))
+
+
+def test_one_streaming_engine_serves_one_model():
+    engine = StreamingEngine(FakeBackend())
+    wrap_model_for_offload(CASES[0].make(), engine=engine)
+    second = CASES[0].make()
+    params = list(second.parameters())
+    with pytest.raises(ValueError, match="already serves a model"):
+        wrap_model_for_offload(second, engine=engine)
+    assert list(second.parameters()) == params
