@@ -14,6 +14,11 @@ class Engine(Protocol):
     `key` identifies one offloaded weight (the address of its first payload tensor); an engine
     may use it to find a prefetched copy. `payload` is the weight's inner tensors on the offload
     device; the result must equal them, copied to `device`, and must not be held by the engine.
+
+    Optional methods, called when present: `prepare(groups, prefetch, key_of)` by
+    wrap_model_for_offload with the payloads grouped (returns the payloads to keep, e.g. views
+    into host arenas), `invalidate()` before a payload is written in place, `close()` by
+    unwrap_model.
     """
 
     def fetch(self, key: int, payload: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]: ...
