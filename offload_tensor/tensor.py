@@ -19,7 +19,7 @@ import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_map_only
 
-from compile_rules.table import ATEN_RULES, TORCH_FUNCTION_RULES, Rule, aten_rule, mutates
+from compile_rules.table import TORCH_FUNCTION_RULES, Rule, aten_rule, mutates
 from offload_tensor import ops
 from offload_tensor.payloads import PayloadKind, Plain
 
@@ -110,6 +110,11 @@ class OffloadedTensor(torch.Tensor):
         if self._fetches:
             inner = tuple(torch.ops.offload_tensor.fetch(list(inner), after, self._compute_device))
         return self._kind.decode(inner, self._compute_dtype)
+
+    def payload_value(self) -> torch.Tensor:
+        """The weight's value where the payload lives (no fetch): the payload itself when plain,
+        else its decoded form (dequantized fp8, or the quantized subclass rebuilt)."""
+        return self._kind.decode(self._inner, self._compute_dtype)
 
     def _with_inner(self, inner: tuple[torch.Tensor, ...]) -> OffloadedTensor:
         return OffloadedTensor(
@@ -244,4 +249,4 @@ def _refusal(func, args) -> str:
     )
 
 
-__all__ = ["OffloadedTensor", "RefusedOpError", "ATEN_RULES"]
+__all__ = ["OffloadedTensor", "RefusedOpError"]

@@ -39,10 +39,6 @@ class OffloadState:
     """What wrapping changed, kept on the root module so unwrap_model can undo exactly that."""
 
     compute_device: torch.device
-    offload_device: torch.device
-    storage_dtype: torch.dtype | None
-    prefetch: int
-    pin_memory: bool
     engine: Engine
     # parameter id -> (device, requires_grad) before wrapping
     originals: dict[int, tuple[torch.device, bool]]
@@ -188,10 +184,6 @@ def wrap_model_for_offload(
     # -- mutate ------------------------------------------------------------------------------
     state = OffloadState(
         compute_device=compute_device,
-        offload_device=offload_device,
-        storage_dtype=storage_dtype,
-        prefetch=prefetch,
-        pin_memory=pin_memory,
         engine=engine,
         originals=originals,
         buffer_devices={(module, name): buf.device for module, name, buf, _ in buffers},
@@ -231,7 +223,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             continue
         ops.unregister_engine(ops.payload_key(param._inner), state.engine)
         orig_device, requires_grad = state.originals[id(param)]
-        value = param._kind.decode(param._inner, param._compute_dtype).to(orig_device)
+        value = param.payload_value().to(orig_device)
         plain[id(param)] = nn.Parameter(value, requires_grad=requires_grad)
     for _, module, name, param in slots:
         if id(param) in plain:
@@ -401,4 +393,4 @@ def _plain_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_me
     # safetensors can save them and a plain model can load them.
     for name, param in module._parameters.items():
         if isinstance(param, OffloadedTensor) and prefix + name in state_dict:
-            state_dict[prefix + name] = param._kind.decode(param._inner, param._compute_dtype).detach()
+            state_dict[prefix + name] = param.payload_value().detach()

@@ -1,8 +1,6 @@
 """The benchmark harness and the notebooks: records carry their provenance, reruns append, the
 notebooks execute (so they never rot)."""
 
-import json
-import os
 from pathlib import Path
 
 import pytest

@@ -24,7 +24,7 @@ While recording, groups are loaded on demand.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
