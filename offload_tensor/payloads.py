@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -33,7 +34,7 @@ class Plain:
     def __deepcopy__(self, memo):  # immutable: dynamo's guard keeps a deepcopy and compares it per call
         return self
 
-    def decode(self, inner: tuple[torch.Tensor, ...], compute_dtype: torch.dtype) -> torch.Tensor:
+    def decode(self, inner: Sequence[torch.Tensor], compute_dtype: torch.dtype) -> torch.Tensor:
         return inner[0]
 
     def write(self, inner: tuple[torch.Tensor, ...], value: torch.Tensor) -> None:
@@ -69,7 +70,7 @@ class Float8:
         qdata = (w / scale).clamp(-fmax, fmax).to(self.storage_dtype)
         return qdata, scale
 
-    def decode(self, inner: tuple[torch.Tensor, ...], compute_dtype: torch.dtype) -> torch.Tensor:
+    def decode(self, inner: Sequence[torch.Tensor], compute_dtype: torch.dtype) -> torch.Tensor:
         qdata, scale = inner
         return (qdata.float() * scale).to(compute_dtype)
 
@@ -157,7 +158,7 @@ class Subclass:
             inner += children[name].encode(t) if name in children else [t]
         return tuple(inner)
 
-    def decode(self, inner: tuple[torch.Tensor, ...], compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def decode(self, inner: Sequence[torch.Tensor], compute_dtype: torch.dtype | None = None) -> torch.Tensor:
         children = dict(self.children)
         parts: dict[str, torch.Tensor] = {}
         i = 0

@@ -14,6 +14,7 @@ Identity travels as data: the engine keys on the payload's address.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
@@ -106,10 +107,13 @@ class OffloadedTensor(torch.Tensor):
         Zero-copy when no fetch is needed and the payload is plain. `after` is the activation the
         weight is about to meet (see [Note: fetch order] in ops.py).
         """
-        inner = self._inner
+        return self._kind.decode(self._fetched(after), self._compute_dtype)
+
+    def _fetched(self, after: torch.Tensor | None) -> Sequence[torch.Tensor]:
+        """The inner tensors on the compute device: the payload itself, or fetched copies."""
         if self._fetches:
-            inner = tuple(torch.ops.offload_tensor.fetch(list(inner), after, self._compute_device))
-        return self._kind.decode(inner, self._compute_dtype)
+            return torch.ops.offload_tensor.fetch(list(self._inner), after, self._compute_device)
+        return self._inner
 
     def payload_value(self) -> torch.Tensor:
         """The weight's value where the payload lives (no fetch): the payload itself when plain,
@@ -206,12 +210,9 @@ def _opaque(weight) -> bool:
 
 def _opaque_linear(input, weight: OffloadedTensor, bias=None) -> torch.Tensor:
     """A compiled F.linear on a payload dynamo cannot rebuild (see [Note: opaque linear])."""
-    inner = weight._inner
-    if weight._fetches:
-        inner = torch.ops.offload_tensor.fetch(list(inner), input, weight._compute_device)
     if type(bias) is OffloadedTensor:
         bias = bias.materialize(input)
-    return torch.ops.offload_tensor.subclass_linear(input, list(inner), bias, weight._kind.spec)
+    return torch.ops.offload_tensor.subclass_linear(input, list(weight._fetched(input)), bias, weight._kind.spec)
 
 
 def _set_data(dst: OffloadedTensor, value) -> None:
