@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -30,7 +31,9 @@ from offload_tensor.engine import Engine, SynchronousEngine
 
 # key (address of a weight's first payload tensor) -> the engine of the model that owns it.
 # A key that is not registered is served by the synchronous engine: correct, just not prefetched.
-_engines: dict[int, Engine] = {}
+# Weak values: the model (its OffloadState) owns its engine; a model dropped without
+# unwrap_model must not stay alive here with its host arenas.
+_engines: weakref.WeakValueDictionary[int, Engine] = weakref.WeakValueDictionary()
 _synchronous = SynchronousEngine()
 
 

@@ -6,16 +6,21 @@ Streams:
 - `copy_stream`: host-to-device copies of whole group arenas into device slots; overlaps the
   compute running on the caller's current stream.
 Events order the two (no `synchronize()` on the hot path): compute waits for a slot's `ready`
-event before reading it; a copy into a slot waits for the slot's `released` event, recorded on
-the compute stream after every read of the slot's previous group. Slots are allocated once and
-never freed, and reads hand over fresh tensors allocated on the compute stream, so no tensor
-crosses streams and `record_stream` is never needed.
+event before reading it; a copy into a slot waits for the slot's `released` events, recorded on
+every stream that read the slot's previous group (one, unless several threads with their own
+streams share the model), after those reads. Slots are allocated once and never freed, and
+reads hand over fresh tensors allocated on the reading stream, so no tensor crosses streams and
+`record_stream` is never needed.
+
+Pinned registrations are undone by `close()` (unwrap_model), or when the backend is collected
+(a model dropped without unwrap_model): memory must be unregistered before it is freed.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -33,6 +38,9 @@ class CudaBackend:
         self.pinned: list[torch.Tensor] = []
         self.arenas: list[Arena] = []
         self.slot_buffers: list[torch.Tensor] = []
+        self.readers: list[set[torch.cuda.Stream]] = []  # per slot: streams that read it since its copy
+        # Runs at close() or when the backend is collected; holds the list, not the backend.
+        self._unpin = weakref.finalize(self, _unregister, self.pinned)
 
     @property
     def pinned_bytes(self) -> int:
@@ -45,6 +53,7 @@ class CudaBackend:
             self._pin(self.arenas)
         largest = max((a.nbytes for a in self.arenas), default=0)
         self.slot_buffers = [torch.empty(largest, dtype=torch.uint8, device=self.device) for _ in range(slots)]
+        self.readers = [set() for _ in range(slots)]
 
     def _pin(self, arenas: Sequence[Arena]) -> None:
         # Register the arenas' own memory, at its exact size, instead of copying into the caching
@@ -55,7 +64,7 @@ class CudaBackend:
                 continue
             err = cudart.cudaHostRegister(arena.buffer.data_ptr(), arena.nbytes, 0)
             if int(err) != 0:
-                self.close()
+                _unregister(self.pinned)
                 warnings.warn(
                     f"offload_tensor: pinning {arena.nbytes} bytes of host memory failed (cudaError {int(err)}; "
                     "ulimit -l or WSL limits?); copies will come from pageable memory and overlap less.",
@@ -69,10 +78,8 @@ class CudaBackend:
         self.copy_stream.synchronize()
 
     def close(self) -> None:
-        cudart = torch.cuda.cudart()
-        for buffer in self.pinned:
-            cudart.cudaHostUnregister(buffer.data_ptr())
-        self.pinned = []
+        self.quiesce()
+        self._unpin()
 
     def _check_not_capturing(self) -> None:
         if torch.cuda.is_current_stream_capturing():
@@ -82,13 +89,13 @@ class CudaBackend:
                 "offloaded weights."
             )
 
-    def copy(self, group: int, slot: int, wait_for: torch.cuda.Event | None) -> torch.cuda.Event:
+    def copy(self, group: int, slot: int, wait_for: list[torch.cuda.Event] | None) -> torch.cuda.Event:
         self._check_not_capturing()
         arena = self.arenas[group]
         ready = torch.cuda.Event()
         with torch.cuda.stream(self.copy_stream):
-            if wait_for is not None:
-                self.copy_stream.wait_event(wait_for)
+            for event in wait_for or ():
+                self.copy_stream.wait_event(event)
             self.slot_buffers[slot][: arena.nbytes].copy_(arena.buffer, non_blocking=True)
             ready.record(self.copy_stream)
         return ready
@@ -98,9 +105,21 @@ class CudaBackend:
 
     def read(self, group: int, slot: int, key: Hashable) -> list[torch.Tensor]:
         g, i = self.key_index[key]
+        self.readers[slot].add(torch.cuda.current_stream(self.device))
         return [p.view(self.slot_buffers[slot]).clone() for p in self.arenas[g].placements[i]]
 
-    def record(self) -> torch.cuda.Event:
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        return event
+    def release(self, slot: int) -> list[torch.cuda.Event]:
+        events = []
+        for stream in self.readers[slot]:
+            event = torch.cuda.Event()
+            event.record(stream)
+            events.append(event)
+        self.readers[slot] = set()
+        return events
+
+
+def _unregister(pinned: list[torch.Tensor]) -> None:
+    cudart = torch.cuda.cudart()
+    for buffer in pinned:
+        cudart.cudaHostUnregister(buffer.data_ptr())
+    pinned.clear()

@@ -77,5 +77,6 @@ class FakeBackend:
         self.log.append(("read", group, slot, key))
         return out
 
-    def record(self) -> float:
+    def release(self, slot: int) -> float:
+        # One simulated compute stream: everything enqueued on it so far includes every read.
         return self.compute_clock

@@ -1,12 +1,13 @@
 """The streaming scheduler: which group to copy into which device slot, and when.
 
 Pure Python and device-agnostic: it talks to a backend (CUDA streams and events, or the fake
-backend's virtual clock) through five calls, so the CPU tests run exactly this logic.
+backend's virtual clock) through four calls, so the CPU tests run exactly this logic. It is not
+thread-safe by itself: its engine serializes calls (see streaming.py).
 
 Invariants:
 - A slot is overwritten only after the compute that read it has finished: the copy into a slot
-  waits for the slot's `released` event, recorded on the compute stream once compute has moved
-  on to another group (every read of the slot was enqueued before that point).
+  waits for the slot's `released` event, recorded once compute has moved on to another group
+  (every read of the slot was enqueued before that point).
 - Compute reads a slot only after the copy into it has finished (`backend.wait(ready)`).
 - Correctness never depends on the order guess: a group that is not where the guess put it is
   loaded on demand (a miss), and the order is learnt again from there.
@@ -17,9 +18,12 @@ The order is learnt from the sequence of group changes of the first forward, as 
 trace ends when its first group is requested again (the next forward began). After that the
 scheduler expects order[pos + 1] next and keeps the groups of order[pos + 1 .. pos + prefetch] in
 flight. A request for anything else is a miss: served on demand, counted, and recording starts
-again from that group. A group visited twice per forward (compiled code may interleave
-independent groups) costs one miss: the new trace starts at a group visited once, so it is right.
-While recording, groups are loaded on demand.
+again. The guess is right exactly when the trace starts at a group visited once per forward.
+Compiled code may interleave independent groups, so some groups are visited several times; a
+group seen twice in one trace, or the first group of a guess that missed, is marked and no trace
+starts there again. Each wrong guess marks at least one group, so the order is learnt after a
+bounded number of misses. An exception that cuts a forward short costs a miss or two the same
+way. While recording, groups are loaded on demand.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ class Backend(Protocol):
     def read(self, group: int, slot: int, key: Hashable) -> list[torch.Tensor]:
         """On the compute stream: fresh tensors holding `key`'s payload from `slot`."""
 
-    def record(self) -> Event:
-        """An event on the compute stream after everything enqueued so far."""
+    def release(self, slot: int) -> Event:
+        """An event that completes once every read of `slot` enqueued so far has finished (on
+        every stream that read it)."""
 
 
 @dataclass
@@ -79,13 +84,19 @@ class Scheduler:
         self.slots = [Slot(i) for i in range(self.prefetch + 1)]
         self.current: int | None = None  # the group compute is reading now
         self.pos = -1  # index of `current` in `order` (when not recording)
+        self.unanchored: set[int] = set()  # groups a trace may not start at (see the note)
+        self._in_trace: set[int] = set()
+        self._waited = 0
 
     # -- the one entry point ------------------------------------------------------------------
     def fetch(self, key: Hashable) -> list[torch.Tensor]:
         group = self.group_of[key]
         if group != self.current:
             self._move_to(group)
-        slot = self._slot_holding(group)
+        slot = self._slot_holding(group, missing_ok=True)
+        if slot is None:  # the copy into it raised (an interrupt, an error): copy again
+            self._load(group)
+            slot = self._slot_holding(group)
         self.backend.wait(slot.ready)
         return self.backend.read(group, slot.index, key)
 
@@ -94,7 +105,9 @@ class Scheduler:
         if self.current is not None:
             # Every read of the current group's slot is enqueued: once compute passes this point
             # the slot may be overwritten.
-            self._slot_holding(self.current).released = self.backend.record()
+            current = self._slot_holding(self.current, missing_ok=True)
+            if current is not None:
+                current.released = self.backend.release(current.index)
         expected = self._expected_next()
         if self.recording:
             self._record(group)
@@ -103,6 +116,9 @@ class Scheduler:
             self.pos = (self.pos + 1) % len(self.order)
         else:
             self.stats.misses += 1
+            # The guess was wrong: its first group is visited more than once per forward (or
+            # the last forward was cut short by an exception). Learn again, from another group.
+            self.unanchored.add(self.order[0])
             self.recording, self.trace = True, []
             self._record(group)
         self.current = group
@@ -112,12 +128,23 @@ class Scheduler:
 
     def _record(self, group: int) -> None:
         trace = self.trace
-        if trace and group == trace[0]:
+        if not trace:
+            if group in self.unanchored:
+                # A trace must start at a group visited once per forward. If none seems left
+                # (wrongly marked after exceptions), forget the marks rather than never learning.
+                self._waited += 1
+                if self._waited > 2 * len(self.group_of):
+                    self.unanchored.clear()
+                return
+            self._waited = 0
+            self._in_trace = set()
+        elif group == trace[0]:
             # The first group again: guess that a new forward began and the cycle is the trace.
-            # A wrong guess (a group visited twice per forward) costs one miss, after which the
-            # trace starts at a group that is visited once, and the next guess is right.
             self.order, self.recording, self.pos, self.trace = trace, False, 0, []
             return
+        if group in self._in_trace:
+            self.unanchored.add(group)  # seen twice before the cycle closed: never an anchor
+        self._in_trace.add(group)
         trace.append(group)
 
     def _expected_next(self) -> int | None:
@@ -157,7 +184,7 @@ class Scheduler:
                 raise AssertionError("no free slot: prefetch + 1 slots hold current + window")
             slot = free[0]
             if slot.released is None:  # loaded but never read (a wrong guess): no reads pending
-                slot.released = self.backend.record()
+                slot.released = self.backend.release(slot.index)
         slot.ready = self.backend.copy(group, slot.index, slot.released)
         slot.group = group
         slot.released = None
@@ -167,6 +194,6 @@ class Scheduler:
         """Forget which groups the slots hold (the next fetch of each group copies again)."""
         for slot in self.slots:
             if slot.group is not None and slot.released is None:
-                slot.released = self.backend.record()
+                slot.released = self.backend.release(slot.index)
             slot.group = None
         self.current = None

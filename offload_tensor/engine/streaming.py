@@ -4,10 +4,19 @@
 leaf module's weights); it moves them into one arena per group and returns the arena views that
 become the weights' payloads. `fetch` then serves a weight from the group's device slot, copied
 ahead of use in the learnt execution order.
+
+Threads: fetches and invalidations are serialized by one lock, so two threads running the same
+model get correct weights (each read waits for its slot's copy; a slot is reused only after
+every stream that read it is done). They do not get speed: interleaved forwards defeat the
+learnt order and most fetches become misses. Run one model per thread for throughput.
+
+A streaming engine belongs to one model: copying or pickling it (`copy.deepcopy(model)`,
+`pickle.dumps(model)`, `torch.save(model)`) is refused with what to do instead.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -25,6 +34,7 @@ class StreamingEngine:
         self.backend = backend
         self.scheduler: Scheduler | None = None
         self.arenas: list[Arena] = []
+        self._lock = threading.Lock()
 
     def prepare(
         self, groups: Sequence[Sequence[tuple[torch.Tensor, ...]]], prefetch: int, key_of
@@ -44,10 +54,11 @@ class StreamingEngine:
     def invalidate(self) -> None:
         """Payloads are about to be written (load_state_dict, LoRA fuse): let in-flight copies
         finish, and forget what the slots hold, so the next fetch copies the new values."""
-        if hasattr(self.backend, "quiesce"):
-            self.backend.quiesce()
-        if self.scheduler is not None:
-            self.scheduler.reset()
+        with self._lock:
+            if hasattr(self.backend, "quiesce"):
+                self.backend.quiesce()
+            if self.scheduler is not None:
+                self.scheduler.reset()
 
     def close(self) -> None:
         """Give back what the backend holds (pinned registrations); called by unwrap_model."""
@@ -61,4 +72,18 @@ class StreamingEngine:
     def fetch(self, key: Hashable, payload: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         if self.scheduler is None or key not in self.scheduler.group_of:
             return [t.to(device, copy=True) for t in payload]
-        return self.scheduler.fetch(key)
+        with self._lock:
+            return self.scheduler.fetch(key)
+
+    def __deepcopy__(self, memo):
+        raise TypeError(_NOT_COPYABLE)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(_NOT_COPYABLE)
+
+
+_NOT_COPYABLE = (
+    "a model streamed by offload_tensor cannot be deep-copied, pickled or saved whole: its host arenas and "
+    "device slots belong to that one model. Save model.state_dict() (plain tensors; safetensors works), or "
+    "unwrap_model(model), copy it, and wrap_model_for_offload the copy."
+)
