@@ -117,8 +117,11 @@ class OffloadedTensor(torch.Tensor):
 
     def payload_value(self) -> torch.Tensor:
         """The weight's value where the payload lives (no fetch): the payload itself when plain,
-        else its decoded form (dequantized fp8, or the quantized subclass rebuilt)."""
-        return self._kind.decode(self._inner, self._compute_dtype)
+        else its decoded form (dequantized fp8, or the quantized subclass rebuilt). Its storage is
+        its own: a payload that is a view into a streaming engine's host arena is copied out, so
+        the value can be saved (torch.save, safetensors) and outlives the arena."""
+        inner = tuple(t.clone() if t.untyped_storage().nbytes() > t.nbytes else t for t in self._inner)
+        return self._kind.decode(inner, self._compute_dtype)
 
     def _with_inner(self, inner: tuple[torch.Tensor, ...]) -> OffloadedTensor:
         return OffloadedTensor(

@@ -40,8 +40,9 @@ class OffloadState:
 
     compute_device: torch.device
     engine: Engine
-    # parameter id -> (device, requires_grad) before wrapping
-    originals: dict[int, tuple[torch.device, bool]]
+    # qualified name of each parameter's first slot -> (device, requires_grad) before wrapping;
+    # by name, not id, so that a deep copy of the model can be unwrapped too
+    originals: dict[str, tuple[torch.device, bool]]
     # (module, buffer name) -> device before wrapping
     buffer_devices: dict[tuple[nn.Module, str], torch.device]
     hook_handles: list = field(default_factory=list)
@@ -169,11 +170,13 @@ def wrap_model_for_offload(
             for i, payload in zip(group, group_payloads):
                 payloads[i] = payload
     wrapped: dict[int, nn.Parameter] = {}
-    originals: dict[int, tuple[torch.device, bool]] = {}
     for param, kind, inner in zip(unique, kinds, payloads):
         tensor = OffloadedTensor(inner, kind, param.dtype, compute_device, fetches)
         wrapped[id(param)] = nn.Parameter(tensor, requires_grad=False)
-        originals[id(wrapped[id(param)])] = (param.device, param.requires_grad)
+    first_name: dict[int, str] = {}
+    for qualname, _, _, param in slots:
+        first_name.setdefault(id(param), qualname)
+    originals = {first_name[id(p)]: (p.device, p.requires_grad) for p in unique}
     buffers = [
         (module, name, buf, buf.to(compute_device))
         for module in model.modules()
@@ -218,11 +221,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     state = _state(model, "unwrap_model")
     plain: dict[int, nn.Parameter] = {}
     slots = list(named_parameter_slots(model))
-    for _, _, _, param in slots:
+    for qualname, _, _, param in slots:
         if id(param) in plain or not isinstance(param, OffloadedTensor):
             continue
         ops.unregister_engine(ops.payload_key(param._inner), state.engine)
-        orig_device, requires_grad = state.originals[id(param)]
+        orig_device, requires_grad = state.originals[qualname]
         value = param.payload_value().to(orig_device)
         plain[id(param)] = nn.Parameter(value, requires_grad=requires_grad)
     for _, module, name, param in slots:
