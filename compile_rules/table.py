@@ -35,10 +35,13 @@ class Rule(enum.Enum):
     CLONE = "clone"
     """A new offloaded wrapper over a copy of the payload, on the offload device (deepcopy)."""
     WRITE_THROUGH = "write_through"
-    """Write into the payload: copy_ re-encodes the value (`load_state_dict`); add_/sub_ change a
-    plain payload in place (LoRA fuse/unfuse), and are refused on encoded payloads, where the
-    result would be re-quantized, not exact; `.data = w` takes another offloaded weight of the
-    same kind (peft's safe merge) and refuses plain tensors (offloading hooks)."""
+    """Write into the payload: copy_ re-encodes the value (`load_state_dict`); add_/sub_ and
+    `w[index] = value` change a plain payload in place (LoRA fuse/unfuse, textual inversion), and
+    are refused on encoded payloads, where the result would be re-quantized, not exact;
+    `.data = w` takes another offloaded weight of the same kind (peft's safe merge) and refuses
+    plain tensors (offloading hooks). Views of a fetched weight taken in eager code are
+    offloaded wrappers of kind "fetched view"; every write into them is refused (it would land
+    in the fetched copy, never in the weight)."""
     REFUSE = "refuse"
     """An in-place change of an offloaded weight: raise an error that says what to do instead."""
 
@@ -63,6 +66,10 @@ TORCH_FUNCTION_RULES: dict[object, Rule] = {
     # tensor (accelerate hooks, diffusers group offloading) would replace the payload behind the
     # wrapper's back, and is refused.
     torch.Tensor.data.__set__: Rule.WRITE_THROUGH,
+    # `w[index] = value` (textual inversion writes token embeddings this way): written into a
+    # plain payload; refused on encoded payloads. Caught here because at the dispatcher it is a
+    # slice (a fetched copy) and a copy_ into that copy, which would be lost.
+    torch.Tensor.__setitem__: Rule.WRITE_THROUGH,
 }
 
 ATEN_RULES: dict[torch._ops.OpOverloadPacket, Rule] = {

@@ -42,6 +42,18 @@ class Plain:
 
 
 @dataclass(frozen=True)
+class FetchedView(Plain):
+    """A view of a fetched weight taken in eager code (`w[0]`, `w.t()`, `w.view(-1)`): its payload
+    is part of the fetched copy on the compute device, not of the weight's payload, so a write
+    into it would never reach the weight. Reads behave as a plain weight's; writes are refused."""
+
+    name: ClassVar[str] = "fetched view"
+
+    def write(self, inner: tuple[torch.Tensor, ...], value: torch.Tensor) -> None:
+        raise AssertionError("writes into a fetched view are refused before they reach the payload")
+
+
+@dataclass(frozen=True)
 class Float8:
     """fp8 values and a float32 scale: per output channel (dim 0) or one per tensor.
 
@@ -223,6 +235,7 @@ def subclass_kind(weight: torch.Tensor) -> Subclass:
 
 
 PLAIN = Plain()
+FETCHED_VIEW = FetchedView()
 
 
 @functools.cache

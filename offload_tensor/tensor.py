@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_map_only
 
 from compile_rules.table import TORCH_FUNCTION_RULES, Rule, aten_rule, mutates
 from offload_tensor import ops
-from offload_tensor.payloads import PayloadKind, Plain
+from offload_tensor.payloads import FETCHED_VIEW, FetchedView, PayloadKind, Plain
 
 _DisableTorchFunctionSubclass = torch._C.DisableTorchFunctionSubclass
 _tf_rule = TORCH_FUNCTION_RULES.get
@@ -139,8 +139,8 @@ class OffloadedTensor(torch.Tensor):
                 return func(*args, **(kwargs or {}))
         if rule is Rule.REFUSE:
             raise RefusedOpError(_refusal(func, args))
-        if rule is Rule.WRITE_THROUGH:  # the `.data` setter
-            return _set_data(*args)
+        if rule is Rule.WRITE_THROUGH:  # the `.data` setter, `w[index] = value`
+            return _TF_WRITES[func](*args)
         if rule is not Rule.MATERIALIZE:
             raise NotImplementedError(f"torch-function rows are materialize or refuse; {func} has {rule}")
         after = None
@@ -181,7 +181,7 @@ class OffloadedTensor(torch.Tensor):
             return func(*tree_map_only(OffloadedTensor, _empty_like, args), **tree_map_only(OffloadedTensor, _empty_like, kwargs))
         written = [args[i] for i in mutates(func) if i < len(args) and isinstance(args[i], OffloadedTensor)]
         if written:
-            if rule is not Rule.WRITE_THROUGH:
+            if rule is not Rule.WRITE_THROUGH or isinstance(written[0]._kind, FetchedView):
                 raise RefusedOpError(_refusal(func, args))
             dst = args[0]
             rest = [a.materialize() if isinstance(a, OffloadedTensor) else a for a in args[1:]]
@@ -201,7 +201,13 @@ class OffloadedTensor(torch.Tensor):
             return dst
         after = _first_plain_tensor(args)
         materialize = lambda t: t.materialize(after)  # noqa: E731
-        return func(*tree_map_only(OffloadedTensor, materialize, args), **tree_map_only(OffloadedTensor, materialize, kwargs))
+        out = func(*tree_map_only(OffloadedTensor, materialize, args), **tree_map_only(OffloadedTensor, materialize, kwargs))
+        if func.is_view and args[0]._fetches and not torch.compiler.is_compiling():
+            # [Note: fetched views] A view of a fetched weight views the fetched copy; wrapped,
+            # so that a write into it (`w[0].fill_(0)`) is refused instead of silently lost. Real
+            # tensors only: under tracing (fake or functional tensors) views stay plain.
+            return tree_map_only(torch.Tensor, _fetched_view, out)
+        return out
 
 
 _linear = torch.nn.functional.linear
@@ -218,9 +224,15 @@ def _opaque_linear(input, weight: OffloadedTensor, bias=None) -> torch.Tensor:
     return torch.ops.offload_tensor.subclass_linear(input, list(weight._fetched(input)), bias, weight._kind.spec)
 
 
+def _fetched_view(t: torch.Tensor) -> torch.Tensor:
+    if type(t) is not torch.Tensor:
+        return t
+    return OffloadedTensor((t,), FETCHED_VIEW, t.dtype, t.device, False)
+
+
 def _set_data(dst: OffloadedTensor, value) -> None:
     """`dst.data = value` (see Rule.WRITE_THROUGH)."""
-    if type(value) is OffloadedTensor and value._kind == dst._kind and value.shape == dst.shape:
+    if type(value) is OffloadedTensor and value._kind == dst._kind and value.shape == dst.shape and not isinstance(dst._kind, FetchedView):
         if value._inner[0] is not dst._inner[0]:
             ops.before_write(ops.payload_key(dst._inner))
             with torch.no_grad():
@@ -228,6 +240,28 @@ def _set_data(dst: OffloadedTensor, value) -> None:
                     t.copy_(v)
         return None
     raise RefusedOpError(_refusal(torch.Tensor.data.__set__, (dst, value)))
+
+
+def _set_item(dst, index, value) -> None:
+    """`dst[index] = value` (see Rule.WRITE_THROUGH): into a plain payload, where it lives."""
+    if type(dst) is not OffloadedTensor:  # an offloaded value written into a plain tensor
+        with _DisableTorchFunctionSubclass():
+            dst[index] = value.materialize(dst) if type(value) is OffloadedTensor else value
+        return None
+    if type(dst._kind) is not Plain:
+        raise RefusedOpError(_refusal(torch.Tensor.__setitem__, (dst, index, value)))
+    payload = dst._inner[0]
+    if type(value) is OffloadedTensor:
+        value = value.materialize()
+    if isinstance(value, torch.Tensor):
+        value = value.to(payload.device)
+    ops.before_write(ops.payload_key(dst._inner))
+    with torch.no_grad(), _DisableTorchFunctionSubclass():
+        payload[index] = value
+    return None
+
+
+_TF_WRITES = {torch.Tensor.data.__set__: _set_data, torch.Tensor.__setitem__: _set_item}
 
 
 def _first_plain_tensor(args) -> torch.Tensor | None:
@@ -245,6 +279,18 @@ def _refusal(func, args) -> str:
     name = getattr(func, "__qualname__", None) or str(func)
     if func == torch.Tensor.data.__set__:
         name = "setting .data"
+    if isinstance(args[0], OffloadedTensor) and isinstance(args[0]._kind, FetchedView):
+        return (
+            f"{name} would write into a view of an offloaded weight ({args[0]!r}); the view holds a fetched copy, "
+            "so the write would never reach the weight. Write the weight itself: w[index] = value, or "
+            "w.copy_(new_value) (load_state_dict does this)."
+        )
+    if func is torch.Tensor.__setitem__ and isinstance(args[0], OffloadedTensor):
+        return (
+            f"{name} on an offloaded {args[0]._kind.name} weight ({args[0]!r}) would re-encode part of it, which "
+            "offload_tensor does not do; write the whole weight with copy_ (load_state_dict), or make the change "
+            "before wrap_model_for_offload."
+        )
     return (
         f"{name} would change an offloaded weight ({args[0]!r}) in place; offload_tensor only writes "
         "weights through copy_ (as load_state_dict does), and moves them itself. Make the change before "

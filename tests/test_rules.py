@@ -14,7 +14,7 @@ import offload_tensor.tensor as tensor_module
 from compile_rules import ATEN_RULES, TORCH_FUNCTION_RULES, Rule
 from offload_tensor import OffloadedTensor, RefusedOpError
 from offload_tensor.ops import FetchStats
-from offload_tensor.payloads import Plain
+from offload_tensor.payloads import FETCHED_VIEW, Plain
 
 aten = torch.ops.aten
 
@@ -50,6 +50,7 @@ TF_SAMPLES = {
     F.instance_norm: ([r(4), r(4)], lambda w, b: F.instance_norm(r(1, 4, 5), weight=w, bias=b)),  # kwargs
     F.prelu: ([r(1)], lambda w: F.prelu(r(2, 3), w)),
     torch.Tensor.data.__set__: ([r(3, 3)], lambda w: (setattr(w, "data", like(w, torch.full((3, 3), 2.0))), w)[1]),
+    torch.Tensor.__setitem__: ([r(3, 3)], lambda w: (w.__setitem__(slice(1, 3), torch.full((2, 3), 5.0)), w)[1]),
 }
 
 ATEN_SAMPLES = {
@@ -152,7 +153,10 @@ def test_row_is_hit_and_keeps_its_promise(op, rule, sample, seen):
     plain = [w.clone() for w in weights]
     expected = fn(*plain)
     if rule is Rule.MATERIALIZE:
-        assert fetched >= 1 and not isinstance(result, OffloadedTensor)
+        assert fetched >= 1
+        if isinstance(result, OffloadedTensor):  # a view of a fetched weight (see test_writes_into_fetched_views...)
+            assert result._kind is FETCHED_VIEW and not result._fetches and op in VIEWS
+            result = result.materialize()
         assert torch.equal(result, expected) if isinstance(expected, torch.Tensor) else result == expected
     elif rule is Rule.METADATA:
         assert fetched == 0 and type(result) is torch.Tensor
@@ -167,6 +171,35 @@ def test_row_is_hit_and_keeps_its_promise(op, rule, sample, seen):
         assert result is wrapped[0] and torch.equal(wrapped[0].materialize(), expected)
     else:
         raise AssertionError(f"no check for {rule}")
+
+
+VIEWS = {aten.t, aten.view, aten.unsqueeze, aten.expand, aten.slice, aten.select}
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda w: w[0].fill_(0.0),
+        lambda w: w.view(-1).add_(1.0),
+        lambda w: w.t().copy_(torch.zeros(4, 3)),
+        lambda w: w.data[1].mul_(2.0),
+        lambda w: w[0].__setitem__(1, 3.0),
+    ],
+    ids=["select.fill_", "view.add_", "t.copy_", "data.select.mul_", "select.setitem"],
+)
+def test_writes_into_views_of_a_fetched_weight_are_refused_not_lost(write):
+    """A view of a fetched weight views the fetched copy: a write into it could never reach the
+    weight, so it is refused; a zero-copy weight's views are real views, and writes land."""
+    weight = r(3, 4)
+    w = off(weight)
+    with pytest.raises(RefusedOpError, match="view of an offloaded weight"):
+        write(w)
+    assert torch.equal(w.materialize(), weight)
+    zero_copy = OffloadedTensor((weight.clone(),), Plain(), weight.dtype, weight.device, fetches=False)
+    plain = weight.clone()
+    write(zero_copy)
+    write(plain)
+    assert torch.equal(zero_copy.materialize(), plain)
 
 
 def test_op_without_a_row_materializes_and_logs_once(caplog):
