@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models import CASES, output
-from offload_tensor import wrap_model_for_offload
+from offload_tensor import unwrap_model, wrap_model_for_offload
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 FLUX = CASES[0]
@@ -38,14 +38,94 @@ def test_equals_resident_model(granularity, prefetch, compiled):
     assert model._offload_state.engine.scheduler.stats.misses == 0
 
 
+def slow_compute(model, cycles=200_000):
+    """Put a spin kernel on the compute stream before every block: compute falls far behind the
+    copies, so a slot reused before its reads finished would be overwritten while being read."""
+    for block in model.transformer_blocks:
+        block.register_forward_pre_hook(lambda module, args: torch.cuda._sleep(cycles))
+
+
 def test_stress_200_forwards_no_mismatch():
     resident = FLUX.make().cuda()
     model = streamed(prefetch=2)
-    mismatches = 0
+    slow_compute(model)
     with torch.no_grad():
-        for step in range(200):
-            mismatches += not torch.equal(output(model(**cuda_inputs(step))), output(resident(**cuda_inputs(step))))
+        expected = [output(resident(**cuda_inputs(step))) for step in range(8)]
+        mismatches = sum(not torch.equal(output(model(**cuda_inputs(step % 8))), expected[step % 8]) for step in range(200))
     assert mismatches == 0
+    assert model._offload_state.engine.scheduler.stats.misses == 0
+
+
+def test_allocated_bytes_identical_after_forward_2_and_100():
+    model = streamed(prefetch=2)
+    inputs = cuda_inputs(0)
+    with torch.no_grad():
+        for step in range(100):
+            model(**inputs)
+            if step == 1:
+                torch.cuda.synchronize()
+                after_2 = torch.cuda.memory_allocated()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == after_2
+
+
+def test_20_wrap_unwrap_cycles_give_back_pinned_and_device_memory():
+    import gc
+
+    import psutil
+
+    model = FLUX.make()
+    inputs = cuda_inputs(0)
+    with torch.no_grad():
+        expected = output(model.cuda()(**inputs))
+    model.cpu()
+
+    def cycle():
+        wrap_model_for_offload(model, device="cuda", prefetch=1)
+        backend = model._offload_state.engine.backend
+        assert backend.pinned_bytes > 0
+        with torch.no_grad():
+            assert torch.equal(output(model(**inputs)), expected)
+        unwrap_model(model)
+        assert backend.pinned_bytes == 0
+
+    cycle()
+    gc.collect()
+    device_base, host_base = torch.cuda.memory_allocated(), psutil.Process().memory_info().rss
+    for _ in range(19):
+        cycle()
+    gc.collect()
+    assert torch.cuda.memory_allocated() == device_base
+    assert psutil.Process().memory_info().rss - host_base <= 64 << 20
+
+
+def test_two_threads_with_their_own_streams_get_correct_results():
+    """Each thread computes on its own stream: a slot is reused only after the reads of both."""
+    import threading
+
+    resident = FLUX.make().cuda()
+    model = streamed(prefetch=2)
+    slow_compute(model, cycles=50_000)
+    with torch.no_grad():
+        expected = {step: output(resident(**cuda_inputs(step))) for step in range(16)}
+    results, errors = {}, []
+
+    def worker(parity):
+        try:
+            with torch.no_grad(), torch.cuda.stream(torch.cuda.Stream()):
+                for step in range(parity, 16, 2):
+                    results[step] = output(model(**cuda_inputs(step)))
+                torch.cuda.current_stream().synchronize()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(parity,)) for parity in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert [step for step in range(16) if not torch.equal(results[step], expected[step])] == []
 
 
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
