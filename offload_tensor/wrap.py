@@ -225,7 +225,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if id(param) in plain or not isinstance(param, OffloadedTensor):
             continue
         ops.unregister_engine(ops.payload_key(param._inner), state.engine)
-        orig_device, requires_grad = state.originals[qualname]
+        # A weight moved to another module since wrapping has no recorded origin: it stays where
+        # its payload is.
+        orig_device, requires_grad = state.originals.get(qualname, (param._inner[0].device, False))
         value = param.payload_value().to(orig_device)
         plain[id(param)] = nn.Parameter(value, requires_grad=requires_grad)
     for _, module, name, param in slots:

@@ -87,6 +87,7 @@ class Scheduler:
         self.unanchored: set[int] = set()  # groups a trace may not start at (see the note)
         self._in_trace: set[int] = set()
         self._waited = 0
+        self._groups = len(set(self.group_of.values()))
 
     # -- the one entry point ------------------------------------------------------------------
     def fetch(self, key: Hashable) -> list[torch.Tensor]:
@@ -133,7 +134,7 @@ class Scheduler:
                 # A trace must start at a group visited once per forward. If none seems left
                 # (wrongly marked after exceptions), forget the marks rather than never learning.
                 self._waited += 1
-                if self._waited > 2 * len(self.group_of):
+                if self._waited > 2 * self._groups:
                     self.unanchored.clear()
                 return
             self._waited = 0

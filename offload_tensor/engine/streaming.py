@@ -8,7 +8,8 @@ ahead of use in the learnt execution order.
 Threads: fetches and invalidations are serialized by one lock, so two threads running the same
 model get correct weights (each read waits for its slot's copy; a slot is reused only after
 every stream that read it is done). They do not get speed: interleaved forwards defeat the
-learnt order and most fetches become misses. Run one model per thread for throughput.
+learnt order and most fetches become misses, which the engine says once (a RuntimeWarning).
+Run one model per thread for throughput; handing a model between threads is free.
 
 A streaming engine belongs to one model: copying or pickling it (`copy.deepcopy(model)`,
 `pickle.dumps(model)`, `torch.save(model)`) is refused with what to do instead.
@@ -17,6 +18,7 @@ A streaming engine belongs to one model: copying or pickling it (`copy.deepcopy(
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -35,6 +37,8 @@ class StreamingEngine:
         self.scheduler: Scheduler | None = None
         self.arenas: list[Arena] = []
         self._lock = threading.Lock()
+        self._thread: int | None = None  # the thread of the last fetch
+        self._warned_threads = False
 
     def prepare(
         self, groups: Sequence[Sequence[tuple[torch.Tensor, ...]]], prefetch: int, key_of
@@ -73,7 +77,24 @@ class StreamingEngine:
         if self.scheduler is None or key not in self.scheduler.group_of:
             return [t.to(device, copy=True) for t in payload]
         with self._lock:
-            return self.scheduler.fetch(key)
+            thread = threading.get_ident()
+            if thread == self._thread:
+                return self.scheduler.fetch(key)
+            misses = self.scheduler.stats.misses
+            out = self.scheduler.fetch(key)
+            if self._thread is not None and self.scheduler.stats.misses > misses and not self._warned_threads:
+                # Another thread's forward cut into this one (a handover between whole forwards
+                # does not miss): correct, but the prefetch order is lost on every switch.
+                self._warned_threads = True
+                warnings.warn(
+                    "offload_tensor: two threads are running forwards of the same streamed model at once; "
+                    "fetches are serialized, so results are correct, but the prefetch order is lost on every "
+                    "switch. For throughput, give each thread its own wrapped model.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self._thread = thread
+            return out
 
     def __deepcopy__(self, memo):
         raise TypeError(_NOT_COPYABLE)

@@ -5,6 +5,7 @@ raises on any slot misuse a GPU would punish silently (see engine/fake.py)."""
 import sys
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -147,11 +148,13 @@ def test_two_threads_on_one_model_get_correct_results(engine):
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)  # switch threads often: forwards interleave fetch by fetch
     try:
-        threads = [threading.Thread(target=worker, args=(parity,)) for parity in (0, 1)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            threads = [threading.Thread(target=worker, args=(parity,)) for parity in (0, 1)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
     finally:
         sys.setswitchinterval(interval)
     assert not errors, errors
@@ -159,6 +162,26 @@ def test_two_threads_on_one_model_get_correct_results(engine):
     assert mismatches == []
     overlapping = sum(a0 < b1 and b0 < a1 for a0, a1 in spans[0] for b0, b1 in spans[1])
     assert overlapping > 0  # the test is only meaningful if forwards ran concurrently
+    said = [w for w in caught if "two threads are running forwards" in str(w.message)]
+    assert len(said) == (engine == "streaming")  # said once, where it costs prefetching
+
+
+def test_handing_a_streamed_model_between_threads_is_silent_and_keeps_prefetching():
+    plain = FLUX.make()
+    engine = StreamingEngine(FakeBackend())
+    model = wrap_model_for_offload(FLUX.make(), engine=engine, prefetch=1)
+    with torch.no_grad():
+        model(**FLUX.inputs(0))
+        model(**FLUX.inputs(1))  # order learnt
+        misses, out = engine.scheduler.stats.misses, {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for step in range(2, 5):  # one whole forward per thread, one after another
+                t = threading.Thread(target=lambda s=step: out.__setitem__(s, output(model(**FLUX.inputs(s)))))
+                t.start()
+                t.join()
+    assert all(torch.equal(out[s], output(plain(**FLUX.inputs(s)))) for s in range(2, 5))
+    assert engine.scheduler.stats.misses == misses
 
 
 def test_two_models_in_one_process_do_not_share_state():
