@@ -202,7 +202,7 @@ class OffloadedTensor(torch.Tensor):
         after = _first_plain_tensor(args)
         materialize = lambda t: t.materialize(after)  # noqa: E731
         out = func(*tree_map_only(OffloadedTensor, materialize, args), **tree_map_only(OffloadedTensor, materialize, kwargs))
-        if func.is_view and args[0]._fetches and not torch.compiler.is_compiling():
+        if func.is_view and _holds_a_copy(args[0]) and not torch.compiler.is_compiling():
             # [Note: fetched views] A view of a fetched weight views the fetched copy; wrapped,
             # so that a write into it (`w[0].fill_(0)`) is refused instead of silently lost. Real
             # tensors only: under tracing (fake or functional tensors) views stay plain.
@@ -222,6 +222,11 @@ def _opaque_linear(input, weight: OffloadedTensor, bias=None) -> torch.Tensor:
     if type(bias) is OffloadedTensor:
         bias = bias.materialize(input)
     return torch.ops.offload_tensor.subclass_linear(input, list(weight._fetched(input)), bias, weight._kind.spec)
+
+
+def _holds_a_copy(t) -> bool:
+    """Whether views of `t` view a fetched copy rather than the weight's payload."""
+    return type(t) is OffloadedTensor and (t._fetches or t._kind is FETCHED_VIEW)
 
 
 def _fetched_view(t: torch.Tensor) -> torch.Tensor:

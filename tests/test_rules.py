@@ -184,8 +184,9 @@ VIEWS = {aten.t, aten.view, aten.unsqueeze, aten.expand, aten.slice, aten.select
         lambda w: w.t().copy_(torch.zeros(4, 3)),
         lambda w: w.data[1].mul_(2.0),
         lambda w: w[0].__setitem__(1, 3.0),
+        lambda w: w[0][1:3].fill_(0.0),
     ],
-    ids=["select.fill_", "view.add_", "t.copy_", "data.select.mul_", "select.setitem"],
+    ids=["select.fill_", "view.add_", "t.copy_", "data.select.mul_", "select.setitem", "select.slice.fill_"],
 )
 def test_writes_into_views_of_a_fetched_weight_are_refused_not_lost(write):
     """A view of a fetched weight views the fetched copy: a write into it could never reach the
