@@ -49,9 +49,6 @@ class FetchedView(Plain):
 
     name: ClassVar[str] = "fetched view"
 
-    def write(self, inner: tuple[torch.Tensor, ...], value: torch.Tensor) -> None:
-        raise AssertionError("writes into a fetched view are refused before they reach the payload")
-
 
 @dataclass(frozen=True)
 class Float8:

@@ -150,3 +150,16 @@ CASES = [
     ModelCase("vae", _vae, _vae_inputs, repeated_blocks=False),
     ModelCase("bert-minilm", _bert, _bert_inputs, repeated_blocks=False),
 ]
+
+
+def engine_for(name: str):
+    """An engine by name, fresh each call: "zero-copy" (None: the default, no fetch on the CPU),
+    "sync" (every weight fetched on demand), "streaming" (the scheduler on the fake backend)."""
+    from offload_tensor.engine import SynchronousEngine
+    from offload_tensor.engine.fake import FakeBackend
+    from offload_tensor.engine.streaming import StreamingEngine
+
+    return {"zero-copy": lambda: None, "sync": SynchronousEngine, "streaming": lambda: StreamingEngine(FakeBackend())}[name]()
+
+
+ENGINE_NAMES = ("zero-copy", "sync", "streaming")

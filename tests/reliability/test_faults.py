@@ -10,9 +10,8 @@ import warnings
 import pytest
 import torch
 
-from models import CASES, output
+from models import CASES, engine_for, output
 from offload_tensor import unwrap_model, wrap_model_for_offload
-from offload_tensor.engine import SynchronousEngine
 from offload_tensor.engine.fake import FakeBackend
 from offload_tensor.engine.streaming import StreamingEngine
 
@@ -45,10 +44,6 @@ def plant_tripwire(model):
     return model.transformer_blocks[1].ff.register_forward_pre_hook(
         lambda module, args: (torch.ops.offload_tensor_test.tripwire(args[0]),)
     )
-
-
-def engine_for(name):
-    return {"sync": SynchronousEngine, "streaming": lambda: StreamingEngine(FakeBackend())}[name]()
 
 
 @pytest.mark.parametrize("engine", ["sync", "streaming"])
@@ -129,7 +124,7 @@ def test_two_threads_on_one_model_get_correct_results(engine):
     steps = range(12)
     with torch.no_grad():
         expected = {step: output(plain(**FLUX.inputs(step))) for step in steps}
-    model = wrap_model_for_offload(FLUX.make(), engine=None if engine == "zero-copy" else engine_for(engine), prefetch=2)
+    model = wrap_model_for_offload(FLUX.make(), engine=engine_for(engine), prefetch=2)
     results, spans, errors = {}, {0: [], 1: []}, []
     start = threading.Barrier(2)
 

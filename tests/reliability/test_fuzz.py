@@ -13,10 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import compile_rules
+from models import engine_for
 from offload_tensor import unwrap_model, wrap_model_for_offload
-from offload_tensor.engine import SynchronousEngine
-from offload_tensor.engine.fake import FakeBackend
-from offload_tensor.engine.streaming import StreamingEngine
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 PAYLOADS = ["plain", "fp8-e4m3-channel", "fp8-e5m2-tensor", "int8wo"]
@@ -140,7 +138,7 @@ def build(case):
         reference = unwrap_model(wrap_model_for_offload(copy.deepcopy(model), storage_dtype=storage_dtype, fp8_scale=fp8_scale))
     else:
         reference = copy.deepcopy(model)
-    engine = {"zero-copy": None, "sync": SynchronousEngine(), "streaming": StreamingEngine(FakeBackend())}[engine]
+    engine = engine_for(engine)
     wrapped = wrap_model_for_offload(
         model, engine=engine, storage_dtype=storage_dtype, fp8_scale=fp8_scale, prefetch=prefetch, granularity=granularity
     )

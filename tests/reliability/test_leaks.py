@@ -10,9 +10,8 @@ import psutil
 import pytest
 import torch
 
-from models import CASES, output
+from models import CASES, engine_for, output
 from offload_tensor import offload_report, unwrap_model, wrap_model_for_offload
-from offload_tensor.engine import SynchronousEngine
 from offload_tensor.engine.fake import FakeBackend
 from offload_tensor.engine.streaming import StreamingEngine
 
@@ -37,14 +36,6 @@ def new_tensors(baseline: dict[int, weakref.ref], model=None) -> int:
 def rss() -> int:
     gc.collect()
     return psutil.Process().memory_info().rss
-
-
-def engine_for(name):
-    return {
-        "zero-copy": lambda: None,
-        "sync": SynchronousEngine,
-        "streaming": lambda: StreamingEngine(FakeBackend()),
-    }[name]()
 
 
 @pytest.mark.slow

@@ -11,18 +11,14 @@ import sys
 import pytest
 import torch
 
-from models import CASES, output
+from models import CASES, ENGINE_NAMES, engine_for, output
 from offload_tensor import OffloadedTensor, is_wrapped, unwrap_model, wrap_model_for_offload
-from offload_tensor.engine import SynchronousEngine
-from offload_tensor.engine.fake import FakeBackend
-from offload_tensor.engine.streaming import StreamingEngine
 
 FLUX = CASES[0]
-ENGINES = {"zero-copy": lambda: None, "sync": SynchronousEngine, "streaming": lambda: StreamingEngine(FakeBackend())}
 
 
 def wrapped(engine, storage_dtype=None):
-    return wrap_model_for_offload(FLUX.make(), engine=ENGINES[engine](), storage_dtype=storage_dtype, prefetch=1)
+    return wrap_model_for_offload(FLUX.make(), engine=engine_for(engine), storage_dtype=storage_dtype, prefetch=1)
 
 
 def run(model, step=0):
@@ -30,7 +26,7 @@ def run(model, step=0):
         return output(model(**FLUX.inputs(step)))
 
 
-@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("engine", list(ENGINE_NAMES))
 @pytest.mark.parametrize("storage_dtype", [None, torch.float8_e4m3fn], ids=["plain", "fp8"])
 def test_load_state_dict_writes_into_the_payload(engine, storage_dtype):
     model, other = wrapped(engine, storage_dtype), FLUX.make()
@@ -101,7 +97,7 @@ print("loaded", len(state))
 """
 
 
-@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("engine", list(ENGINE_NAMES))
 @pytest.mark.parametrize("storage_dtype", [None, torch.float8_e4m3fn], ids=["plain", "fp8"])
 def test_saved_state_dict_loads_without_offload_tensor(engine, storage_dtype, tmp_path):
     model = wrapped(engine, storage_dtype)
