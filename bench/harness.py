@@ -104,13 +104,13 @@ SUITES: dict[str, list[Config]] = {
 def build(config: Config):
     import torch
 
-    from offload_tensor import demo
+    from offload_tensor import testing
 
     dtype = getattr(torch, config.dtype)
     if config.model == "flux-tiny":
-        model, inputs = demo.tiny_flux(), demo.tiny_flux_inputs()
+        model, inputs = testing.tiny_flux(), testing.tiny_flux_inputs()
     elif config.model == "wan-tiny":
-        model, inputs = demo.tiny_wan(), demo.tiny_wan_inputs()
+        model, inputs = testing.tiny_wan(), testing.tiny_wan_inputs()
     elif config.model == "flux-shaped":
         from bench.stream import build_model, inputs as flux_inputs
 

@@ -36,7 +36,7 @@ def mlp(width: int) -> tuple[nn.Module, dict]:
 
 
 def flux() -> tuple[nn.Module, dict]:
-    from offload_tensor.demo import tiny_flux, tiny_flux_inputs  # the demo's (and the tests') tiny Flux
+    from offload_tensor.testing import tiny_flux, tiny_flux_inputs  # the demo's (and the tests') tiny Flux
 
     return tiny_flux(), tiny_flux_inputs()
 

@@ -1,6 +1,28 @@
-"""compile_rules: how each op treats an offloaded weight, and a checker of compile health."""
+"""compile_rules: how each op treats an offloaded weight, and a checker of compile health.
 
-from compile_rules.check import CompileReport, check
-from compile_rules.table import ATEN_RULES, TORCH_FUNCTION_RULES, Rule, aten_rule
+Depends on torch only; offload_tensor implements the `Offloaded` protocol the rules talk to.
+"""
 
-__all__ = ["ATEN_RULES", "TORCH_FUNCTION_RULES", "CompileReport", "Rule", "aten_rule", "check"]
+from compile_rules.check import CompileReport, FetchStats, check
+from compile_rules.table import (
+    ATEN_RULES,
+    TORCH_FUNCTION_RULES,
+    Offloaded,
+    RefusedOpError,
+    aten_rule,
+    implements,
+    implements_torch_function,
+)
+
+__all__ = [
+    "ATEN_RULES",
+    "TORCH_FUNCTION_RULES",
+    "CompileReport",
+    "FetchStats",
+    "Offloaded",
+    "RefusedOpError",
+    "aten_rule",
+    "check",
+    "implements",
+    "implements_torch_function",
+]

@@ -16,7 +16,11 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from offload_tensor.ops import FetchStats
+
+class FetchStats:
+    """Run-time count of fetches of offloaded weights (eager and compiled); the fetch op counts."""
+
+    calls = 0
 
 
 @dataclass

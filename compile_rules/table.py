@@ -1,145 +1,478 @@
-"""How each op treats an offloaded weight: one row per op, at two levels.
+"""How each op treats an offloaded weight: one row per op, naming the function that handles it.
 
-Torch-function rows catch calls before they decompose (`F.linear` arrives at the dispatcher as
-`aten.t` + `aten.addmm`; a quantized payload implements `F.linear` but not `aten.t`), so the
-payload's own kernel runs on the fetched payload. Aten rows catch everything that reaches
-`__torch_dispatch__`.
+Rows are registered the way torchao registers its subclass ops: a small function per behaviour,
+under decorators that list the ops it handles (`@implements(aten.copy_)`,
+`@implements_torch_function(F.linear)`). There are two levels. Torch-function rows catch calls
+before they decompose (`F.linear` reaches the dispatcher as `aten.t` + `aten.addmm`; a quantized
+payload implements `F.linear` but not `aten.t`), so the payload's own kernel runs on the fetched
+payload. Aten rows catch everything that reaches `__torch_dispatch__`.
 
-An op with no row materializes its offloaded arguments (the safe default: a copy, never a wrong
-answer) and is logged once at debug level, unless it writes into an offloaded argument: then it is
-refused, since a write into a temporary copy would be silently lost.
+The behaviours:
+    materialize     fetch the offloaded arguments, run the op on the fetched tensors
+    metadata        answer from the weight's shape, stride, dtype and device; fetch nothing
+    alias           another wrapper of the same weight (detach, alias: nn.Parameter, `.data`)
+    clone           a new, independent weight: the payload copied where it lives (deepcopy)
+    view            eager: a lazy view that reads and writes through its weight; traced: materialize
+    copy_into       re-encode a value into the payload (copy_: load_state_dict)
+    write_in_place  an in-place or out= op writing a weight: runs on the payload when that is
+                    exact (plain payloads), else refused; lands whole or not at all
+    set_data        `w.data = v`: another offloaded weight of the same kind is written through
+    set_item        `w[index] = v`: written into a plain payload
+    frozen          `requires_grad_(True)` is refused: offloaded weights are frozen
+    refuse          raise RefusedOpError, naming what to do instead
 
-This module only declares; `offload_tensor.tensor` carries the rules out.
+An aten op without a row: a view gets `view`, an op that writes an offloaded argument (in place,
+or through `out=`, as its schema says) gets `write_in_place`, anything else `materialize` (the
+safe default: a copy, never a wrong answer), logged once at debug level.
+
+This package does not import offload_tensor: handlers talk to an offloaded weight through the
+`Offloaded` protocol below, which `offload_tensor.OffloadedTensor` implements.
 """
 
 from __future__ import annotations
 
-import enum
 import functools
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map_only
 
 aten = torch.ops.aten
 log = logging.getLogger("compile_rules")
 
-
-class Rule(enum.Enum):
-    MATERIALIZE = "materialize"
-    """Fetch every offloaded argument to the compute device and run the op on the results."""
-    METADATA = "metadata"
-    """Answer from the wrapper's shape, stride, dtype and device; nothing is fetched."""
-    ALIAS = "alias"
-    """A new offloaded wrapper over the same payload (detach, alias: `nn.Parameter`, `.data`)."""
-    CLONE = "clone"
-    """A new offloaded wrapper over a copy of the payload, on the offload device (deepcopy)."""
-    WRITE_THROUGH = "write_through"
-    """Write into the payload: copy_ re-encodes the value (`load_state_dict`); add_/sub_ and
-    `w[index] = value` change a plain payload in place (LoRA fuse/unfuse, textual inversion), and
-    are refused on encoded payloads, where the result would be re-quantized, not exact;
-    `.data = w` takes another offloaded weight of the same kind (peft's safe merge) and refuses
-    plain tensors (offloading hooks). Views of a fetched weight taken in eager code are
-    offloaded wrappers of kind "fetched view"; every write into them is refused (it would land
-    in the fetched copy, never in the weight)."""
-    REFUSE = "refuse"
-    """An in-place change of an offloaded weight: raise an error that says what to do instead."""
+Handler = Callable[[Any, tuple, dict], Any]
+TORCH_FUNCTION_RULES: dict[Callable, Handler] = {}
+ATEN_RULES: dict[torch._ops.OpOverloadPacket, Handler] = {}
 
 
-TORCH_FUNCTION_RULES: dict[object, Rule] = {
-    F.linear: Rule.MATERIALIZE,
-    F.bilinear: Rule.MATERIALIZE,
-    F.embedding: Rule.MATERIALIZE,
-    F.conv1d: Rule.MATERIALIZE,
-    F.conv2d: Rule.MATERIALIZE,
-    F.conv3d: Rule.MATERIALIZE,
-    F.conv_transpose1d: Rule.MATERIALIZE,
-    F.conv_transpose2d: Rule.MATERIALIZE,
-    F.conv_transpose3d: Rule.MATERIALIZE,
-    F.layer_norm: Rule.MATERIALIZE,
-    F.group_norm: Rule.MATERIALIZE,
-    F.rms_norm: Rule.MATERIALIZE,
-    F.batch_norm: Rule.MATERIALIZE,
-    F.instance_norm: Rule.MATERIALIZE,
-    F.prelu: Rule.MATERIALIZE,
-    # `param.data = x`: another offloaded weight (peft's safe merge) is written through; a plain
-    # tensor (accelerate hooks, diffusers group offloading) would replace the payload behind the
-    # wrapper's back, and is refused.
-    torch.Tensor.data.__set__: Rule.WRITE_THROUGH,
-    # `w[index] = value` (textual inversion writes token embeddings this way): written into a
-    # plain payload; refused on encoded payloads. Caught here because at the dispatcher it is a
-    # slice (a fetched copy) and a copy_ into that copy, which would be lost.
-    torch.Tensor.__setitem__: Rule.WRITE_THROUGH,
-}
-
-ATEN_RULES: dict[torch._ops.OpOverloadPacket, Rule] = {
-    # aliases: nn.Parameter(x) needs x.detach() to keep the subclass; .data is a detach
-    aten.detach: Rule.ALIAS,
-    aten.alias: Rule.ALIAS,
-    aten.clone: Rule.CLONE,
-    aten.copy_: Rule.WRITE_THROUGH,
-    aten.add_: Rule.WRITE_THROUGH,
-    aten.sub_: Rule.WRITE_THROUGH,
-    # metadata: tensors made "like" a weight need its metadata, not its values
-    aten.empty_like: Rule.METADATA,
-    aten.zeros_like: Rule.METADATA,
-    aten.ones_like: Rule.METADATA,
-    aten.full_like: Rule.METADATA,
-    aten.rand_like: Rule.METADATA,
-    aten.randn_like: Rule.METADATA,
-    aten.new_empty: Rule.METADATA,
-    aten.new_empty_strided: Rule.METADATA,
-    aten.new_zeros: Rule.METADATA,
-    aten.new_ones: Rule.METADATA,
-    aten.new_full: Rule.METADATA,
-    # compute ops that meet weights in models (norm scales, decomposed linears, casts, views):
-    # listed so that their rule is a decision, not a default. (Composite ops such as reshape,
-    # matmul or allclose never reach the dispatcher: they arrive decomposed into these.)
-    aten._to_copy: Rule.MATERIALIZE,
-    aten.t: Rule.MATERIALIZE,
-    aten.view: Rule.MATERIALIZE,
-    aten.unsqueeze: Rule.MATERIALIZE,
-    aten.expand: Rule.MATERIALIZE,
-    aten.slice: Rule.MATERIALIZE,
-    aten.select: Rule.MATERIALIZE,
-    aten.addmm: Rule.MATERIALIZE,
-    aten.mm: Rule.MATERIALIZE,
-    aten.bmm: Rule.MATERIALIZE,
-    aten.add: Rule.MATERIALIZE,
-    aten.sub: Rule.MATERIALIZE,
-    aten.mul: Rule.MATERIALIZE,
-    aten.div: Rule.MATERIALIZE,
-    aten.cat: Rule.MATERIALIZE,
-    aten.stack: Rule.MATERIALIZE,
-    aten.equal: Rule.MATERIALIZE,
-    # other in-place ops (initializers, arithmetic): refused by name so the message is specific
-    aten.fill_: Rule.REFUSE,
-    aten.zero_: Rule.REFUSE,
-    aten.mul_: Rule.REFUSE,
-    aten.normal_: Rule.REFUSE,
-    aten.uniform_: Rule.REFUSE,
-    aten.set_: Rule.REFUSE,
-    aten.resize_: Rule.REFUSE,
-}
-
-_missing_logged: set[object] = set()
+class RefusedOpError(RuntimeError):
+    """An op would change an offloaded weight in a way offload_tensor does not carry out. Raised
+    before anything changed."""
 
 
-@functools.cache
-def mutates(op: torch._ops.OpOverload) -> tuple[int, ...]:
-    """Positions of the arguments `op` writes to (in-place and out= ops)."""
-    return tuple(
-        i for i, arg in enumerate(op._schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write
+class Offloaded(torch.Tensor):
+    """What the rules ask of an offloaded weight (offload_tensor.OffloadedTensor implements it).
+
+    The wrapper's own shape, stride, dtype and device are the ones the model computes with.
+    """
+
+    # The tensor to compute with when nothing needs fetching or decoding (a zero-copy plain
+    # payload), else None: the eager fast path reads it without a call.
+    _direct: torch.Tensor | None
+    # Whether an in-place op on the payload gives exactly what it gives on the weight's value
+    # (a plain payload); an encoded payload (fp8, quantized) would be re-encoded, so it is not.
+    in_place_exact: bool
+
+    def materialize(self, after: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight on the compute device, in the compute dtype (`after`: the activation it is
+        about to meet, which orders the fetch behind the compute that produced it)."""
+        raise NotImplementedError
+
+    def alias(self) -> Offloaded:
+        raise NotImplementedError
+
+    def clone_weight(self) -> torch.Tensor:
+        """A new, independent weight with this one's value (a view's clone: a plain tensor)."""
+        raise NotImplementedError
+
+    def lazy_view(self, func, args: tuple, kwargs: dict) -> Any:
+        """`func(self, *args[1:], **kwargs)` as offloaded wrappers that read and write through
+        this weight."""
+        raise NotImplementedError
+
+    def write(self, value: torch.Tensor) -> None:
+        """Replace the weight's value by `value`: re-encoded as the payload is, or, when `value` is an
+        offloaded weight of the same encoding, its payload copied as it is."""
+        raise NotImplementedError
+
+    def write_in_place(self, run: Callable[[torch.Tensor], None]) -> None:
+        """Call `run(scratch)` on a copy of the payload; if it returns, the copy becomes the
+        payload. Only where `in_place_exact`."""
+        raise NotImplementedError
+
+    def linear_override(self) -> Callable | None:
+        """A function to run F.linear with this weight instead of fetching it, or None."""
+        raise NotImplementedError
+
+
+def implements(*ops: torch._ops.OpOverloadPacket) -> Callable[[Handler], Handler]:
+    """Register the decorated function as the row of each aten op (all overloads)."""
+
+    def register(handler: Handler) -> Handler:
+        for op in ops:
+            ATEN_RULES[op] = handler
+        return handler
+
+    return register
+
+
+def implements_torch_function(*funcs: Callable) -> Callable[[Handler], Handler]:
+    """Register the decorated function as the torch-function row of each function."""
+
+    def register(handler: Handler) -> Handler:
+        for func in funcs:
+            TORCH_FUNCTION_RULES[func] = handler
+        return handler
+
+    return register
+
+
+# -- materialize ------------------------------------------------------------------------------
+@implements_torch_function(
+    F.linear, F.bilinear, F.embedding,
+    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+    F.layer_norm, F.group_norm, F.rms_norm, F.batch_norm, F.instance_norm, F.prelu,
+    # read the values on the host side: C refuses these on a tensor subclass
+    torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__,
+    # nn.RNN/GRU/LSTM pass all their weights as one list: each fetched once and the fused kernel
+    # runs (without a row the op decomposes, and each piece fetches its weights again)
+    torch._VF.lstm, torch._VF.gru, torch._VF.rnn_tanh, torch._VF.rnn_relu,
+)  # fmt: skip
+def materialize(func, args: tuple, kwargs: dict):
+    # The eager hot path (F.linear & co. on every weight, every step): one pass over the
+    # arguments, no pytree, no logging, and no call at all for a zero-copy weight.
+    if _is_jit_tracing():
+        refuse_jit_trace()
+    after = None
+    pending = False
+    resolved = []
+    for a in args:
+        if isinstance(a, Offloaded):
+            direct = a._direct
+            if direct is None:
+                pending = True
+                resolved.append(a)
+            else:
+                resolved.append(direct)
+        elif isinstance(a, torch.Tensor):
+            if after is None:
+                after = a
+            resolved.append(a)
+        else:
+            if isinstance(a, (list, tuple)) and any(isinstance(t, Offloaded) for t in a):
+                pending = True  # a list of weights (torch.lstm & co.); FX passes an immutable_list
+            resolved.append(a)
+    if pending:
+        if func is F.linear and len(resolved) > 1 and isinstance(resolved[1], Offloaded):
+            linear = resolved[1].linear_override()
+            if linear is not None:  # a payload that runs F.linear its own way (see OffloadedTensor)
+                return linear(*resolved, **kwargs)
+        resolved = [_fetched(a, after) for a in resolved]
+    if kwargs:
+        kwargs = {k: v.materialize(after) if isinstance(v, Offloaded) else v for k, v in kwargs.items()}
+    return func(*resolved, **kwargs)
+
+
+def _fetched(a, after):
+    if isinstance(a, Offloaded):
+        return a.materialize(after)
+    if isinstance(a, (list, tuple)):
+        return [t.materialize(after) if isinstance(t, Offloaded) else t for t in a]
+    return a
+
+
+_is_jit_tracing = torch._C._is_tracing
+
+
+def refuse_jit_trace() -> None:
+    raise RefusedOpError(
+        "torch.jit.trace cannot trace offloaded weights: TorchScript has no tensor subclasses, so the trace would "
+        "bake every weight into the graph as a constant (resident on the compute device, never offloaded; fp8 "
+        "weights folded to full precision). Use torch.compile (or compile_repeated_blocks) or torch.export.export, "
+        "which keep the fetch in the graph, or unwrap_model(model) before tracing."
     )
 
 
-def aten_rule(op: torch._ops.OpOverload) -> Rule:
-    """The rule for an aten overload: its packet's row, or the safe default."""
-    rule = ATEN_RULES.get(op.overloadpacket)
-    if rule is not None:
-        return rule
-    default = Rule.REFUSE if mutates(op) else Rule.MATERIALIZE
-    if op not in _missing_logged:
-        _missing_logged.add(op)
-        log.debug("%s has no row in compile_rules; using the default rule %s", op, default.value)
+def _materialize_all(func, args: tuple, kwargs: dict):
+    after = next((a for a in args if isinstance(a, torch.Tensor) and not isinstance(a, Offloaded)), None)
+    fetch = lambda t: t.materialize(after)  # noqa: E731
+    return func(*tree_map_only(Offloaded, fetch, args), **tree_map_only(Offloaded, fetch, kwargs))
+
+
+# Compute ops that meet weights in models (decomposed linears, norm scales, casts): listed so that
+# their rule is a decision, not a default. Composite ops (reshape, matmul, allclose) never reach
+# the dispatcher: they arrive decomposed into these.
+implements(
+    aten._to_copy, aten.addmm, aten.mm, aten.bmm, aten.add, aten.sub, aten.mul, aten.div,
+    aten.cat, aten.stack, aten.equal,
+)(_materialize_all)  # fmt: skip
+
+
+# -- metadata ---------------------------------------------------------------------------------
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+
+
+@implements(
+    aten.empty_like, aten.zeros_like, aten.ones_like, aten.full_like, aten.rand_like, aten.randn_like,
+    aten.new_empty, aten.new_empty_strided, aten.new_zeros, aten.new_ones, aten.new_full,
+)  # fmt: skip
+def metadata(func, args: tuple, kwargs: dict):
+    """Tensors made "like" a weight need its metadata, not its values."""
+    return func(*tree_map_only(Offloaded, _empty_like, args), **tree_map_only(Offloaded, _empty_like, kwargs))
+
+
+# -- alias, clone, view -----------------------------------------------------------------------
+@implements(aten.detach, aten.alias)
+def alias(func, args: tuple, kwargs: dict):
+    """nn.Parameter(x) needs x.detach() to keep the subclass; `.data` is a detach too."""
+    if not isinstance(args[0], Offloaded):
+        return _materialize_all(func, args, kwargs)
+    return args[0].alias()
+
+
+@implements(aten.clone)
+def clone(func, args: tuple, kwargs: dict):
+    """deepcopy clones weights; `w.contiguous()` and `reshape` of a non-contiguous weight arrive as
+    a clone into another layout, which is a plain tensor of its own."""
+    w = args[0]
+    if not isinstance(w, Offloaded):
+        return _materialize_all(func, args, kwargs)
+    memory_format = kwargs.get("memory_format") or torch.preserve_format
+    if memory_format is not torch.preserve_format and not w.is_contiguous(memory_format=memory_format):
+        return w.materialize().clone(memory_format=memory_format)
+    return w.clone_weight()
+
+
+_TRACED_VIEW_NOTE = """[Note: lazy views]
+In eager code a view of an offloaded weight (`w.t()`, `w[0]`, `w.view(-1)`, `w.view_as(q)`) is a
+lazy view: an offloaded wrapper that fetches its weight when it is read, and writes into the
+weight's payload when it is written (where that is exact), so `w[0].fill_(0)` and
+`nn.init.orthogonal_` (which copies into `w.view_as(q)`) land, and a view never shows values
+older than its weight's. Under tracing views are plain tensors computed from the fetched weight,
+so compiled graphs are those of the plain model."""
+
+
+@implements(aten.t, aten.view, aten.unsqueeze, aten.expand, aten.slice, aten.select)
+def view(func, args: tuple, kwargs: dict):
+    base = args[0]
+    if not isinstance(base, Offloaded) or torch.compiler.is_compiling():
+        return _materialize_all(func, args, kwargs)
+    return base.lazy_view(func, args, kwargs)
+
+
+view.__doc__ = _TRACED_VIEW_NOTE
+
+
+# -- writes -----------------------------------------------------------------------------------
+@functools.cache
+def written_arguments(op: torch._ops.OpOverload) -> tuple[tuple[int, str], ...]:
+    """(position, name) of each argument `op` writes to, in-place or `out=`, by its schema."""
+    return tuple(
+        (i, arg.name)
+        for i, arg in enumerate(op._schema.arguments)
+        if arg.alias_info is not None and arg.alias_info.is_write
+    )
+
+
+def _written(op, args: tuple, kwargs: dict) -> list[tuple[int | str, Offloaded]]:
+    found = []
+    for i, name in written_arguments(op):
+        value = args[i] if i < len(args) else kwargs.get(name)
+        for t in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(t, Offloaded):
+                found.append((i if i < len(args) else name, t))
+    return found
+
+
+def _refuse_if_tracing(func, weight: Offloaded) -> None:
+    if torch.compiler.is_compiling():
+        raise RefusedOpError(
+            f"{_op_name(func)} would write the offloaded weight {weight!r} inside a compiled function, where the "
+            "write would not reach the payload the engine streams from. Make the change outside torch.compile "
+            "(load_state_dict, fuse_lora and nn.init work in eager code)."
+        )
+
+
+@implements(aten.copy_)
+def copy_into(func, args: tuple, kwargs: dict):
+    """`w.copy_(value)` (load_state_dict): the value, re-encoded as the payload is."""
+    dst = args[0]
+    if not isinstance(dst, Offloaded):  # an offloaded weight copied into a plain tensor: a read
+        return _materialize_all(func, args, kwargs)
+    _refuse_if_tracing(func, dst)
+    src = args[1]
+    if isinstance(src, Offloaded):
+        src = src.materialize()
+    if src.shape != dst.shape:
+        src = src.expand(dst.shape)  # copy_ broadcasts; refuses shapes that do not broadcast
+    dst.write(src)
+    return dst
+
+
+def write_in_place(func, args: tuple, kwargs: dict):
+    """Any other op that writes a weight (`add_`, `fill_`, `normal_`, `torch.add(a, b, out=w)`, the
+    initializers of nn.init): run on a copy of each written payload, then the copies become the
+    payloads, so the write lands whole or, if the op raises, not at all. Exact only on plain
+    payloads; on encoded payloads (fp8, quantized) the result would be re-quantized, so refused."""
+    written = _written(func, args, kwargs)
+    if not written:
+        return _materialize_all(func, args, kwargs)
+    for _, weight in written:
+        _refuse_if_tracing(func, weight)
+        if not weight.in_place_exact:
+            raise RefusedOpError(
+                f"{_op_name(func)} would change the offloaded weight {weight!r} in place, which would re-quantize it "
+                "(not exact); write the whole weight with copy_ (load_state_dict does), fuse LoRA weights or make "
+                "other in-place changes before wrap_model_for_offload (or before quantizing), or keep the adapter "
+                "unfused."
+            )
+    targets = {id(w): (where, w) for where, w in written}
+    if len(targets) > 1:
+        raise RefusedOpError(f"{_op_name(func)} writes two offloaded weights at once; offload_tensor writes one at a time.")
+    (where, weight), = targets.values()
+    args, kwargs = list(args), dict(kwargs)
+
+    def run(scratch: torch.Tensor) -> None:
+        # The written weight becomes the scratch copy; every other offloaded argument is read.
+        device = scratch.device
+        a = [_value_on(x, device) for x in args]
+        k = {n: _value_on(v, device) for n, v in kwargs.items()}
+        if isinstance(where, int):
+            a[where] = _replace(args[where], weight, scratch)
+        else:
+            k[where] = _replace(kwargs[where], weight, scratch)
+        shape, stride = scratch.shape, scratch.stride()
+        func(*a, **k)
+        if scratch.shape != shape or scratch.stride() != stride:
+            raise RefusedOpError(
+                f"{_op_name(func)} would resize the offloaded weight {weight!r} (to {tuple(scratch.shape)}); "
+                "offloaded weights keep their shape."
+            )
+
+    weight.write_in_place(run)
+    return args[where] if isinstance(where, int) else kwargs[where]
+
+
+def _value_on(x, device: torch.device):
+    """A read argument of a write, on the payload's device."""
+    if isinstance(x, Offloaded):
+        return x.materialize().to(device)
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_value_on(v, device) for v in x)
+    return x
+
+
+def _replace(value, weight, scratch):
+    if isinstance(value, (list, tuple)):
+        return type(value)(scratch if v is weight else v for v in value)
+    return scratch
+
+
+implements(
+    aten.add_, aten.sub_, aten.mul_, aten.div_, aten.fill_, aten.zero_, aten.normal_, aten.uniform_,
+)(write_in_place)  # fmt: skip  (the initializers of nn.init and LoRA fuse/unfuse; named for the record)
+
+
+@implements_torch_function(torch.Tensor.data.__set__)
+def set_data(func, args: tuple, kwargs: dict):
+    """`w.data = value`. Another offloaded weight of the same kind is written through (peft's safe
+    merge). A plain tensor is refused: offloading hooks (accelerate, diffusers group offloading)
+    move weights this way, behind the wrapper's back; `w.copy_(value)` writes a value."""
+    dst, value = args
+    if not isinstance(dst, Offloaded):
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(dst, value.materialize() if isinstance(value, Offloaded) else value)
+    if isinstance(value, Offloaded) and value.shape == dst.shape and value.dtype == dst.dtype:
+        _refuse_if_tracing(func, dst)
+        dst.write(value)  # the same encoding is copied bit for bit; the weight itself is a no-op
+        return None
+    raise RefusedOpError(
+        f"setting .data of the offloaded weight {dst!r} would replace its payload behind offload_tensor's back; "
+        "write a value with w.copy_(value) (load_state_dict does), or call unwrap_model first. If an offloading "
+        "hook (accelerate, diffusers enable_group_offload) did this, do not combine it with offload_tensor."
+    )
+
+
+@implements_torch_function(torch.Tensor.__setitem__)
+def set_item(func, args: tuple, kwargs: dict):
+    """`w[index] = value` (textual inversion writes token embeddings this way). Caught here because
+    at the dispatcher it is an index into a copy and a copy_ into that copy, which would be lost."""
+    dst, index, value = args
+    if not isinstance(dst, Offloaded):  # an offloaded value written into a plain tensor
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(dst, index, value.materialize(dst) if isinstance(value, Offloaded) else value)
+    _refuse_if_tracing(func, dst)
+    if not dst.in_place_exact:
+        raise RefusedOpError(
+            f"w[index] = value on the offloaded weight {dst!r} would re-encode part of it, which offload_tensor does "
+            "not do; write the whole weight with copy_ (load_state_dict), or make the change before "
+            "wrap_model_for_offload."
+        )
+    if isinstance(value, Offloaded):
+        value = value.materialize()
+
+    def run(scratch: torch.Tensor) -> None:
+        with torch._C.DisableTorchFunctionSubclass():
+            scratch[index] = value.to(scratch.device) if isinstance(value, torch.Tensor) else value
+
+    dst.write_in_place(run)
+    return None
+
+
+@implements_torch_function(torch.Tensor.requires_grad_, torch.Tensor.requires_grad.__set__)
+def frozen(func, args: tuple, kwargs: dict):
+    """Offloaded weights are frozen: nothing would compute their gradients."""
+    t = args[0]
+    requires_grad = args[1] if len(args) > 1 else kwargs.get("requires_grad", True)
+    if requires_grad and isinstance(t, Offloaded):
+        raise RefusedOpError(
+            f"the offloaded weight {t!r} cannot require grad: offloaded weights are frozen. To train, add an adapter "
+            "on top of the wrapped model (peft LoRA, e.g. model.add_adapter(LoraConfig(...))): its weights are plain "
+            "and train, and gradients flow through the offloaded ones."
+        )
+    with torch._C.DisableTorchFunctionSubclass():
+        result = func(*args, **kwargs)
+    return t if func is torch.Tensor.requires_grad_ else result
+
+
+@implements(aten.set_, aten.resize_, aten.resize_as_, aten.as_strided_, aten.squeeze_, aten.unsqueeze_, aten.t_,
+            aten.transpose_)  # fmt: skip
+def refuse(func, args: tuple, kwargs: dict):
+    """Ops that change a tensor's storage or metadata in place: an offloaded weight keeps both.
+    One that would leave the metadata as it is (`w.squeeze_(0)` of a dim that is not 1) is the
+    no-op it is on a plain tensor."""
+    w = args[0]
+    if not _written(func, args, kwargs):
+        return _materialize_all(func, args, kwargs)
+    if func.overloadpacket is not aten.set_:
+        meta = torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device="meta")
+        func(meta, *args[1:], **kwargs)
+        if (meta.shape, meta.stride()) == (w.shape, w.stride()):
+            return w
+    raise RefusedOpError(
+        f"{_op_name(func)} would change the storage or the shape of the offloaded weight {args[0]!r} in place; "
+        "offloaded weights keep both. Make the change before wrap_model_for_offload, or call unwrap_model first."
+    )
+
+
+def _op_name(func) -> str:
+    if func is torch.Tensor.data.__set__:
+        return "setting .data"
+    return getattr(func, "__qualname__", None) or str(func)
+
+
+# -- lookup -----------------------------------------------------------------------------------
+_WRITERS = (copy_into, write_in_place, refuse)  # the handlers that know what to do with a write
+
+
+@functools.cache
+def aten_rule(op: torch._ops.OpOverload) -> Handler:
+    """The handler for an aten overload: its packet's row, or the default (see the module doc).
+    A row that reads (`aten.add`) does not cover its `out=` overload (`aten.add.out`), a write."""
+    handler = ATEN_RULES.get(op.overloadpacket)
+    if handler is not None and (handler in _WRITERS or not written_arguments(op)):
+        return handler
+    if written_arguments(op):
+        default = write_in_place
+    elif op.is_view:
+        default = view
+    else:
+        default = _materialize_all
+    log.debug("%s has no row in compile_rules; using the default %s", op, default.__name__)
     return default

@@ -13,7 +13,7 @@ import torch
 
 import compile_rules
 from offload_tensor import offload_report, unwrap_model, wrap_model_for_offload
-from offload_tensor.demo import tiny_flux, tiny_flux_inputs
+from offload_tensor.testing import tiny_flux, tiny_flux_inputs
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 inputs = tiny_flux_inputs(device=device)

@@ -1,7 +1,7 @@
 """The registered custom op that materializes an offloaded weight, and the engine registry it asks.
 
-Invariant: `offload_tensor::fetch(payload, after, device)` returns `payload` copied to `device`. It
-is a pure function of its inputs; which engine serves it (and whether the copy was prefetched) is
+Invariant: `offload_tensor::fetch(payload, key, after, device)` returns `payload` copied to
+`device`. It is a pure function of its inputs; which engine serves it (and whether the copy was prefetched) is
 invisible to the compiler and never changes the result.
 
 [Note: fetch hands over ownership]
@@ -21,30 +21,36 @@ that produced its input, so fetches run in execution order.
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 
+from compile_rules.check import FetchStats
 from offload_tensor.engine import Engine, SynchronousEngine
 
-# key (address of a weight's first payload tensor) -> the engine of the model that owns it.
-# A key that is not registered is served by the synchronous engine: correct, just not prefetched.
-# Weak values: the model (its OffloadState) owns its engine; a model dropped without
-# unwrap_model must not stay alive here with its host arenas.
+# [Note: weight identity]
+# Each fetched weight carries a key: a 0-d int64 tensor assigned at wrap from one counter, so keys
+# are unique in the process (zero-size weights, weights sharing storage and payloads freed and
+# reallocated at the same address all keep their own). It is one of the wrapper's inner tensors,
+# so under compile it is a graph input like the payload, never a constant in the graph or the
+# flatten context (a constant would be guarded on: a recompile per block, or a block served
+# another block's weights). An alias of a weight (detach, `.data`) shares its key; a clone gets
+# a new one.
+_keys = itertools.count(1)
+
+# key -> the engine of the model that owns the weight. A key that is not registered is served by
+# the synchronous engine: correct, just not prefetched. Weak values: the model (its OffloadState)
+# owns its engine; a model dropped without unwrap_model must not stay alive here with its host
+# arenas.
 _engines: weakref.WeakValueDictionary[int, Engine] = weakref.WeakValueDictionary()
 _synchronous = SynchronousEngine()
 
 
-class FetchStats:
-    """Run-time count of fetch calls (eager and compiled), read by `compile_rules.check`."""
-
-    calls = 0
-
-
-def payload_key(payload: Sequence[torch.Tensor]) -> int:
-    return payload[0].data_ptr()
+def new_key() -> torch.Tensor:
+    return torch.tensor(next(_keys), dtype=torch.int64)
 
 
 def register_engine(keys: Iterable[int], engine: Engine) -> None:
@@ -52,19 +58,18 @@ def register_engine(keys: Iterable[int], engine: Engine) -> None:
         _engines[key] = engine
 
 
-def before_write(key: int) -> None:
-    """A weight's payload is about to change in place: the engine serving it must finish reading
-    its host copy and forget any device copy it holds (they would be stale)."""
-    engine = _engines.get(key)
-    if engine is not None and hasattr(engine, "invalidate"):
-        engine.invalidate()
-
-
 def unregister_engine(key: int, engine: Engine) -> None:
-    """Forget `key`, if `engine` is the one serving it (a copy of a model never unregisters the
-    original's weights)."""
+    """Forget `key`, if `engine` is the one serving it."""
     if _engines.get(key) is engine:
         del _engines[key]
+
+
+def before_write(key: torch.Tensor) -> None:
+    """A weight's payload is about to change in place: the engine serving it must finish reading
+    its host copy and forget any device copy it holds (they would be stale)."""
+    engine = _engines.get(int(key))
+    if engine is not None and hasattr(engine, "invalidate"):
+        engine.invalidate()
 
 
 # cudagraph_unsafe: inductor keeps the op out of captured CUDA-graph partitions (a replayed fetch
@@ -73,16 +78,32 @@ _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") 
 
 
 @torch.library.custom_op("offload_tensor::fetch", mutates_args=(), tags=_TAGS)
-def fetch(payload: list[torch.Tensor], after: torch.Tensor | None, device: torch.device) -> list[torch.Tensor]:
-    """Copy an offloaded weight's payload tensors to `device` (see the notes above)."""
+def fetch(
+    payload: list[torch.Tensor], key: torch.Tensor, after: torch.Tensor | None, device: torch.device
+) -> list[torch.Tensor]:
+    """Copy the payload tensors of the weight `key` to `device` (see the notes above)."""
     FetchStats.calls += 1
-    key = payload_key(payload)
-    return _engines.get(key, _synchronous).fetch(key, payload, device)
+    k = int(key)
+    return _engines.get(k, _synchronous).fetch(k, payload, device)
 
 
 @fetch.register_fake
-def _(payload: list[torch.Tensor], after: torch.Tensor | None, device: torch.device) -> list[torch.Tensor]:
+def _(payload, key, after, device) -> list[torch.Tensor]:
     return [torch.empty_like(t, device=device) for t in payload]
+
+
+def _remember_payload_count(ctx, inputs, output) -> None:
+    ctx.payload_count = len(inputs[0])
+
+
+def _no_gradient(ctx, grads):
+    # Offloaded weights are frozen, and `after` is an ordering dependency, not a value the
+    # result depends on: nothing flows back. Registered so that training an adapter on top of
+    # offloaded weights (the activations require grad) can run backward through the fetch.
+    return [None] * ctx.payload_count, None, None, None
+
+
+fetch.register_autograd(_no_gradient, setup_context=_remember_payload_count)
 
 
 # [Note: opaque linear]

@@ -18,40 +18,47 @@ from typing import Any, ClassVar
 
 import torch
 
+from compile_rules.table import RefusedOpError
+from offload_tensor import integrations
+
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-@dataclass(frozen=True)
-class Plain:
-    """The weight itself, in its compute dtype."""
+class _Kind:
+    """What every kind answers. `in_place_exact`: an in-place op on the payload gives exactly
+    what it gives on the weight's value (only a plain payload). `opaque`: dynamo cannot rebuild
+    the payload inside a graph (see [Note: opaque linear] in ops.py)."""
 
-    inner_names: ClassVar[tuple[str, ...]] = ("payload",)
-    name: ClassVar[str] = "plain"
-
-    def encode(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (weight,)
+    in_place_exact: ClassVar[bool] = False
+    opaque: ClassVar[bool] = False
 
     def __deepcopy__(self, memo):  # immutable: dynamo's guard keeps a deepcopy and compares it per call
         return self
 
+    def logical_size(self, inner: Sequence[torch.Tensor]) -> torch.Size:
+        return inner[0].shape
+
+    def logical_stride(self, inner: Sequence[torch.Tensor]) -> tuple[int, ...]:
+        return inner[0].stride()
+
+
+@dataclass(frozen=True)
+class Plain(_Kind):
+    """The weight itself, in its compute dtype."""
+
+    inner_names: ClassVar[tuple[str, ...]] = ("payload",)
+    name: ClassVar[str] = "plain"
+    in_place_exact: ClassVar[bool] = True
+
+    def encode(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (weight,)
+
     def decode(self, inner: Sequence[torch.Tensor], compute_dtype: torch.dtype) -> torch.Tensor:
         return inner[0]
 
-    def write(self, inner: tuple[torch.Tensor, ...], value: torch.Tensor) -> None:
-        inner[0].copy_(value)
-
 
 @dataclass(frozen=True)
-class FetchedView(Plain):
-    """A view of a fetched weight taken in eager code (`w[0]`, `w.t()`, `w.view(-1)`): its payload
-    is part of the fetched copy on the compute device, not of the weight's payload, so a write
-    into it would never reach the weight. Reads behave as a plain weight's; writes are refused."""
-
-    name: ClassVar[str] = "fetched view"
-
-
-@dataclass(frozen=True)
-class Float8:
+class Float8(_Kind):
     """fp8 values and a float32 scale: per output channel (dim 0) or one per tensor.
 
     Dequantizes as `(qdata.float() * scale).to(compute_dtype)`, computed in float32 and cast
@@ -64,13 +71,12 @@ class Float8:
     inner_names: ClassVar[tuple[str, ...]] = ("qdata", "scale")
     name: ClassVar[str] = "fp8"
 
-    def __deepcopy__(self, memo):
-        return self
-
     def encode(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         w = weight.detach().float()
         fmax = torch.finfo(self.storage_dtype).max
-        if self.per_channel:
+        if w.numel() == 0:  # nothing to scale (amax refuses empty reductions)
+            amax = torch.zeros((w.shape[0], *[1] * (w.ndim - 1)) if self.per_channel else ())
+        elif self.per_channel:
             amax = w.abs().amax(dim=tuple(range(1, w.ndim)), keepdim=True)
         else:
             amax = w.abs().amax()
@@ -83,14 +89,10 @@ class Float8:
         qdata, scale = inner
         return (qdata.float() * scale).to(compute_dtype)
 
-    def write(self, inner: tuple[torch.Tensor, ...], value: torch.Tensor) -> None:
-        qdata, scale = self.encode(value.to(inner[0].device))
-        inner[0].copy_(qdata)
-        inner[1].copy_(scale)
 
 
 @dataclass(frozen=True, eq=False)
-class Subclass:
+class Subclass(_Kind):
     """A quantized tensor subclass (torchao, optimum-quanto), kept as its inner tensors.
 
     The payload's own `__tensor_flatten__` names its inner tensors (`qdata`, `scale`, ... or
@@ -120,14 +122,15 @@ class Subclass:
                 names.append(name)
         return tuple(names)
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
-        return "quanto" if self.cls.__module__.startswith("optimum.quanto.") else self.cls.__module__.split(".")[0]
+        carrier = integrations.carrier(self.cls)
+        return carrier.name if carrier is not None else self.cls.__module__.split(".")[0]
 
-    @property
+    @functools.cached_property
     def opaque(self) -> bool:
         """Rebuilt at run time by an opaque op under compile (see [Note: opaque linear] in ops.py)."""
-        return self.cls.__module__.startswith("optimum.quanto.")
+        return integrations.opaque(self.cls)
 
     @functools.cached_property
     def spec(self) -> str:
@@ -153,18 +156,35 @@ class Subclass:
     def __hash__(self) -> int:
         return hash((*self._key(), repr(self.ctx)))
 
-    def __deepcopy__(self, memo):
-        return self
-
     def __repr__(self) -> str:
         return f"Subclass({self.cls.__qualname__}, {self.inner_names}, size={self.size})"
 
+    def logical_size(self, inner: Sequence[torch.Tensor]) -> torch.Size:
+        return torch.Size(self.size)  # packed payloads (quanto int4) have smaller inner tensors
+
+    def logical_stride(self, inner: Sequence[torch.Tensor]) -> tuple[int, ...]:
+        return self.stride
+
     def encode(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The inner tensors of `weight`, which must be quantized exactly as this kind (a write of
+        anything else would need a re-quantization offload_tensor does not do)."""
+        try:
+            same = subclass_kind(weight) == self
+        except TypeError:
+            same = False
+        if not same:
+            raise RefusedOpError(
+                f"cannot write a {type(weight).__name__} into an offloaded {self.cls.__qualname__} weight quantized "
+                f"as {self!r}: load a state dict quantized the same way."
+            )
+        return self._leaves(weight)
+
+    def _leaves(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         children = dict(self.children)
         inner: list[torch.Tensor] = []
         for name in self.top_names:
             t = getattr(weight, name)
-            inner += children[name].encode(t) if name in children else [t]
+            inner += children[name]._leaves(t) if name in children else [t]
         return tuple(inner)
 
     def decode(self, inner: Sequence[torch.Tensor], compute_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -181,21 +201,6 @@ class Subclass:
                 i += 1
         return self.cls.__tensor_unflatten__(parts, self.ctx, self.size, self.stride)
 
-    def write(self, inner: tuple[torch.Tensor, ...], value: torch.Tensor) -> None:
-        if type(value) is not self.cls:
-            raise TypeError(
-                f"cannot write a {type(value).__name__} into an offloaded {self.cls.__qualname__} weight: load a "
-                f"state dict quantized the same way (its weights must be {self.cls.__qualname__})."
-            )
-        try:
-            same = subclass_kind(value) == self
-        except TypeError:
-            same = False
-        if not same:
-            raise ValueError(f"cannot write a {self.cls.__qualname__} quantized with other settings into this weight.")
-        for t, v in zip(inner, self.encode(value)):
-            t.copy_(v)
-
 
 PayloadKind = Plain | Float8 | Subclass
 
@@ -206,15 +211,10 @@ SUPPORTED = (
 _subclass_kinds: dict[int, list[Subclass]] = {}
 
 
-def _is_supported_subclass(cls: type) -> bool:
-    module = cls.__module__
-    return module.startswith("torchao.") or module.startswith("optimum.quanto.")
-
-
 def subclass_kind(weight: torch.Tensor) -> Subclass:
     """The interned kind of a quantized payload, or TypeError when offload_tensor cannot carry it."""
     cls = type(weight)
-    if not _is_supported_subclass(cls) or not hasattr(weight, "__tensor_flatten__"):
+    if integrations.carrier(cls) is None or not hasattr(weight, "__tensor_flatten__"):
         raise TypeError(f"{cls.__module__}.{cls.__qualname__} is not supported; offload_tensor supports {SUPPORTED}.")
     names, ctx = weight.__tensor_flatten__()
     children = []
@@ -231,8 +231,14 @@ def subclass_kind(weight: torch.Tensor) -> Subclass:
     return kind
 
 
+def leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding `t`'s data: `t` itself, or a subclass's inner tensors, recursively."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    return [leaf for name in t.__tensor_flatten__()[0] for leaf in leaves(getattr(t, name))]
+
+
 PLAIN = Plain()
-FETCHED_VIEW = FetchedView()
 
 
 @functools.cache
@@ -249,6 +255,6 @@ def kind_for(weight: torch.Tensor, storage_dtype: torch.dtype | None, per_channe
     """
     if type(weight) not in (torch.Tensor, torch.nn.Parameter):
         return subclass_kind(weight)
-    if storage_dtype is None or weight.ndim < 2 or not weight.is_floating_point():
+    if storage_dtype is None or weight.ndim < 2 or not weight.is_floating_point() or weight.numel() == 0:
         return PLAIN
     return _float8(storage_dtype, per_channel)

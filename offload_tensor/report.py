@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from offload_tensor.tensor import OffloadedTensor
-from offload_tensor.wrap import _state
+from offload_tensor.wrap import offload_state
+
 
 def format_bytes(n: int) -> str:
     for unit, size in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
@@ -53,7 +54,7 @@ def offload_report(model: nn.Module) -> OffloadReport:
         >>> print(offload_report(wrap_model_for_offload(model)).summary)
         loaded partially: 12.0 KB resident on cuda:0, 45.8 MB offloaded
     """
-    state = _state(model, "offload_report")
+    state = offload_state(model, "offload_report")
     by_device: Counter[str] = Counter()
     by_kind: Counter[str] = Counter()
     for param in model.parameters():  # unique, so tied weights count once

@@ -3,41 +3,59 @@
 Invariant: the wrapper's shape, dtype and device are what the model computes with (so
 `model.dtype`, `param.device` and dtype checks stay right); its payload stays on the offload
 device and reaches the compute device only through `offload_tensor::fetch`. Every op that meets
-the wrapper is handled by the row of `compile_rules` that names it.
+the wrapper is handled by the row of `compile_rules` that names it: `__torch_function__` and
+`__torch_dispatch__` are a lookup and a call.
 
-`__tensor_flatten__` exposes the payload's inner tensors as the wrapper's own and a context of
-per-type constants only (payload kind, compute dtype and device, whether fetching is needed):
-dynamo guards on the context, so per-weight identity there would recompile every repeated block.
-Identity travels as data: the engine keys on the payload's address.
+`__tensor_flatten__` exposes the payload's inner tensors as the wrapper's own, plus the weight's
+key, and a context of per-type constants only (payload kind, compute dtype and device, whether it
+is fetched): dynamo guards on the context, so per-weight identity there would recompile every
+repeated block. Identity travels as data: a 0-d int64 tensor assigned at wrap (see ops.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
-from torch.utils._pytree import tree_map_only
 
-from compile_rules.table import TORCH_FUNCTION_RULES, Rule, aten_rule, mutates
+from compile_rules.table import TORCH_FUNCTION_RULES, Offloaded, RefusedOpError, aten_rule, refuse_jit_trace
 from offload_tensor import ops
-from offload_tensor.payloads import FETCHED_VIEW, FetchedView, PayloadKind, Plain
+from offload_tensor.payloads import PayloadKind
 
 _DisableTorchFunctionSubclass = torch._C.DisableTorchFunctionSubclass
 _tf_rule = TORCH_FUNCTION_RULES.get
 
 
-class RefusedOpError(RuntimeError):
-    """An op would change an offloaded weight in a way offload_tensor does not carry out."""
+
+def _code_version() -> str:
+    """What compiled code of offloaded weights depends on beyond the graph dynamo sees: the
+    fetch op's schema and the source of the code AOTAutograd traces through."""
+    import compile_rules.table
+    import offload_tensor.payloads
+
+    digest = hashlib.blake2b(str(torch.ops.offload_tensor.fetch.default._schema).encode(), digest_size=16)
+    for module in (compile_rules.table, offload_tensor.payloads, ops):
+        with open(module.__file__, "rb") as f:
+            digest.update(f.read())
+    with open(__file__, "rb") as f:
+        digest.update(f.read())
+    return digest.hexdigest()
 
 
-class OffloadedTensor(torch.Tensor):
+_CACHE_VERSION = _code_version()
+_INNER_NAMES: set[str] = {"_key"}  # every inner tensor name of every kind built (see __dir__)
+ViewStep = tuple  # (op, args after the tensor, kwargs, index of the output or None)
+
+
+class OffloadedTensor(Offloaded):
     _inner: tuple[torch.Tensor, ...]
     _kind: PayloadKind
     _compute_dtype: torch.dtype
     _compute_device: torch.device
-    _fetches: bool
+    _key: torch.Tensor | None  # set when the weight is fetched through the engine registry
+    _view: tuple[OffloadedTensor, tuple[ViewStep, ...]] | None  # (weight, steps) of a lazy view
 
     @staticmethod
     def __new__(
@@ -46,15 +64,14 @@ class OffloadedTensor(torch.Tensor):
         kind: PayloadKind,
         compute_dtype: torch.dtype,
         compute_device: torch.device,
-        fetches: bool,
+        key: torch.Tensor | None,
         outer_size=None,
         outer_stride=None,
     ):
-        ref = inner[0]
         self = torch.Tensor._make_wrapper_subclass(
             cls,
-            ref.shape if outer_size is None else outer_size,
-            strides=ref.stride() if outer_stride is None else outer_stride,
+            kind.logical_size(inner) if outer_size is None else outer_size,
+            strides=kind.logical_stride(inner) if outer_stride is None else outer_stride,
             dtype=compute_dtype,
             device=compute_device,
             requires_grad=False,
@@ -62,38 +79,64 @@ class OffloadedTensor(torch.Tensor):
         self._inner = tuple(inner)
         for name, t in zip(kind.inner_names, inner, strict=True):
             setattr(self, name, t)
+        _INNER_NAMES.update(kind.inner_names)
         self._kind = kind
         self._compute_dtype = compute_dtype
         self._compute_device = compute_device
-        self._fetches = fetches
+        self._key = key
+        self._view = None
         # Computed once: dynamo's guards and AOTAutograd's runtime wrapper flatten every
         # offloaded input on every compiled call.
-        self._flat = (list(kind.inner_names), (kind, compute_dtype, compute_device, fetches))
+        names = list(kind.inner_names) + (["_key"] if key is not None else [])
+        self._flat = (names, (kind, compute_dtype, compute_device, key is not None))
         # The eager fast path: the tensor to compute with when nothing needs fetching or decoding.
-        self._direct = inner[0] if not fetches and kind.inner_names == ("payload",) else None
+        self._direct = inner[0] if key is None and kind.in_place_exact else None
+        self.in_place_exact = kind.in_place_exact
         return self
 
+    @property
+    def fetches(self) -> bool:
+        """Whether reads go through the fetch op (else the payload is used where it is)."""
+        return self._key is not None
+
     # -- tracing ----------------------------------------------------------------------------
+    def __dir__(self):
+        # torch.export (non-strict) turns into graph inputs the attributes it finds in dir() of
+        # the first instance of a subclass it meets; a model mixing payload kinds (fp8 matrices,
+        # plain biases) needs every kind's inner names listed, or the others become constants.
+        return sorted(set(super().__dir__()) | _INNER_NAMES)
+
     def __tensor_flatten__(self):
+        if self._view is not None:
+            raise RefusedOpError(
+                f"{self!r} is a view of an offloaded weight taken outside torch.compile; it cannot enter a compiled "
+                "function. Take the view inside it, or pass the weight."
+            )
         return self._flat
 
     @staticmethod
     def __tensor_unflatten__(inner_tensors, ctx, outer_size, outer_stride):
         kind, dtype, device, fetches = ctx
         inner = tuple(inner_tensors[name] for name in kind.inner_names)
-        return OffloadedTensor(inner, kind, dtype, device, fetches, outer_size, outer_stride)
+        key = inner_tensors["_key"] if fetches else None
+        return OffloadedTensor(inner, kind, dtype, device, key, outer_size, outer_stride)
 
     def _stable_hash_for_caching(self) -> str:
-        # AOTAutograd's cache key: metadata only, never values or addresses.
-        parts = [repr(self._kind), str(self._compute_dtype), str(self._compute_device), str(self._fetches)]
+        # AOTAutograd's cache key for this input: metadata only, never values or addresses. It
+        # must change whenever the flattened form or the fetch op's schema does, or a cached
+        # graph compiled against an older form would be served (seen: a stale cache calling
+        # fetch with the arguments of an earlier release).
+        names, ctx = self.__tensor_flatten__()
+        parts = [_CACHE_VERSION, repr(ctx[0]), *map(str, ctx[1:]), *names]
         parts += [f"{t.shape}/{t.stride()}/{t.dtype}/{t.device}" for t in self._inner]
         return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
 
     def __repr__(self) -> str:
-        where = self._inner[0].device
+        if self._view is not None:
+            return f"OffloadedTensor(view {tuple(self.shape)} of {self._view[0]!r})"
         return (
             f"OffloadedTensor(shape={tuple(self.shape)}, dtype={self._compute_dtype}, "
-            f"device={self._compute_device}, payload={self._kind.name} on {where})"
+            f"device={self._compute_device}, payload={self._kind.name} on {self._inner[0].device})"
         )
 
     # -- the payload ------------------------------------------------------------------------
@@ -107,12 +150,17 @@ class OffloadedTensor(torch.Tensor):
         Zero-copy when no fetch is needed and the payload is plain. `after` is the activation the
         weight is about to meet (see [Note: fetch order] in ops.py).
         """
+        if self._view is not None:
+            weight, steps = self._view
+            return _apply_view(weight.materialize(after), steps)
+        if torch._C._is_tracing():
+            refuse_jit_trace()
         return self._kind.decode(self._fetched(after), self._compute_dtype)
 
     def _fetched(self, after: torch.Tensor | None) -> Sequence[torch.Tensor]:
         """The inner tensors on the compute device: the payload itself, or fetched copies."""
-        if self._fetches:
-            return torch.ops.offload_tensor.fetch(list(self._inner), after, self._compute_device)
+        if self._key is not None:
+            return torch.ops.offload_tensor.fetch(list(self._inner), self._key, after, self._compute_device)
         return self._inner
 
     def payload_value(self) -> torch.Tensor:
@@ -123,185 +171,155 @@ class OffloadedTensor(torch.Tensor):
         inner = tuple(t.clone() if t.untyped_storage().nbytes() > t.nbytes else t for t in self._inner)
         return self._kind.decode(inner, self._compute_dtype)
 
-    def _with_inner(self, inner: tuple[torch.Tensor, ...]) -> OffloadedTensor:
-        return OffloadedTensor(
-            inner, self._kind, self._compute_dtype, self._compute_device, self._fetches, self.shape, self.stride()
+    def linear_override(self) -> Callable | None:
+        """A compiled F.linear on a payload dynamo cannot rebuild (see [Note: opaque linear])."""
+        if self._kind.opaque and torch.compiler.is_compiling():
+            return _opaque_linear
+        return None
+
+    # -- behaviours the rules call (compile_rules.table) --------------------------------------
+    def alias(self) -> OffloadedTensor:
+        if self._view is not None:
+            return _lazy_view(*self._view, self)
+        return OffloadedTensor(self._inner, self._kind, self._compute_dtype, self._compute_device, self._key,
+                               self.shape, self.stride())  # fmt: skip
+
+    def clone_weight(self) -> torch.Tensor:
+        if self._view is not None:  # a view's clone is a tensor of its own
+            return self.materialize().clone()
+        inner = tuple(t.clone() for t in self._inner)
+        key = ops.new_key() if self._key is not None else None  # a new weight, served on demand
+        return OffloadedTensor(inner, self._kind, self._compute_dtype, self._compute_device, key,
+                               self.shape, self.stride())  # fmt: skip
+
+    def lazy_view(self, func, args: tuple, kwargs: dict):
+        weight, steps = self._view if self._view is not None else (self, ())
+        meta = torch.empty_strided(self.shape, self.stride(), dtype=self.dtype, device="meta")
+        out = func(meta, *args[1:], **kwargs)
+        if isinstance(out, torch.Tensor):
+            view = _lazy_view(weight, (*steps, (func, args[1:], kwargs, None)), out)
+            return return_and_correct_aliasing(func, args, kwargs, view)
+        return type(out)(
+            _lazy_view(weight, (*steps, (func, args[1:], kwargs, i)), o) for i, o in enumerate(out)
         )
 
-    # -- torch function: catch F.linear & co. before they decompose --------------------------
+    def write(self, value: torch.Tensor) -> None:
+        weight, steps = self._view if self._view is not None else (self, ())
+        if isinstance(value, OffloadedTensor):
+            if not steps and value._view is None and value._kind == self._kind and value.shape == self.shape:
+                if value._inner[0] is self._inner[0]:
+                    return None  # the weight itself
+                encoded = value._inner  # the same encoding: copied as it is, bit for bit
+            else:
+                value = value.materialize()
+        if not isinstance(value, OffloadedTensor):
+            if steps:  # a part of the weight: exact only on a plain payload
+                self._check_in_place_exact("copy_")
+                encoded = None
+            else:
+                encoded = weight._kind.encode(value)  # validates before anything changes
+        weight._before_write()
+        with torch.no_grad():
+            if encoded is None:
+                _apply_view(weight._inner[0], steps).copy_(value)
+            else:
+                for t, v in zip(weight._inner, encoded):
+                    t.copy_(v)
+
+    def write_in_place(self, run: Callable[[torch.Tensor], None]) -> None:
+        weight, steps = self._view if self._view is not None else (self, ())
+        self._check_in_place_exact("an in-place op")
+        payload = weight._inner[0]
+        scratch = payload.clone()
+        with torch.no_grad():
+            run(_apply_view(scratch, steps))
+            weight._before_write()
+            payload.copy_(scratch)
+
+    def _check_in_place_exact(self, what: str) -> None:
+        if not self.in_place_exact:
+            raise RefusedOpError(
+                f"{what} on a part of the offloaded weight {self!r} would re-encode it, which is not exact; write the "
+                "whole weight with copy_ (load_state_dict does), or make the change before wrap_model_for_offload."
+            )
+
+    def _before_write(self) -> None:
+        if self._key is not None:
+            ops.before_write(self._key)
+
+    # -- dispatch: a lookup and a call --------------------------------------------------------
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        # The eager hot path (F.linear & co. on every weight, every step): one dict lookup, one
-        # pass over the arguments, no pytree, no logging, and no fetch for a direct weight.
-        rule = _tf_rule(func)
-        if rule is None:
+        handler = _tf_rule(func)
+        if handler is None:
             with _DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
-        if rule is Rule.REFUSE:
-            raise RefusedOpError(_refusal(func, args))
-        if rule is Rule.WRITE_THROUGH:  # the `.data` setter, `w[index] = value`
-            return _TF_WRITES[func](*args)
-        if rule is not Rule.MATERIALIZE:
-            raise NotImplementedError(f"torch-function rows are materialize or refuse; {func} has {rule}")
-        after = None
-        pending = False
-        resolved = []
-        for a in args:
-            if type(a) is OffloadedTensor:
-                direct = a._direct
-                if direct is None:
-                    pending = True
-                    resolved.append(a)
-                else:
-                    resolved.append(direct)
-            else:
-                if after is None and isinstance(a, torch.Tensor):
-                    after = a
-                resolved.append(a)
-        if pending:
-            if func is _linear and len(resolved) > 1 and torch.compiler.is_compiling() and _opaque(resolved[1]):
-                return _opaque_linear(*resolved, **(kwargs or {}))
-            resolved = [a.materialize(after) if type(a) is OffloadedTensor else a for a in resolved]
-        if kwargs:
-            kwargs = {k: v.materialize(after) if type(v) is OffloadedTensor else v for k, v in kwargs.items()}
-            return func(*resolved, **kwargs)
-        return func(*resolved)
+        return handler(func, args, kwargs or {})
 
-    # -- torch dispatch: everything else, by the aten rows ----------------------------------
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        rule = aten_rule(func)
-        if rule is Rule.ALIAS:
-            out = args[0]._with_inner(args[0]._inner)
-            return return_and_correct_aliasing(func, args, kwargs, out)
-        if rule is Rule.CLONE:
-            return args[0]._with_inner(tuple(t.clone() for t in args[0]._inner))
-        if rule is Rule.METADATA:
-            return func(*tree_map_only(OffloadedTensor, _empty_like, args), **tree_map_only(OffloadedTensor, _empty_like, kwargs))
-        written = [args[i] for i in mutates(func) if i < len(args) and isinstance(args[i], OffloadedTensor)]
-        if written:
-            if rule is not Rule.WRITE_THROUGH or isinstance(written[0]._kind, FetchedView):
-                raise RefusedOpError(_refusal(func, args))
-            dst = args[0]
-            rest = [a.materialize() if isinstance(a, OffloadedTensor) else a for a in args[1:]]
-            ops.before_write(ops.payload_key(dst._inner))
-            with torch.no_grad():
-                if func.overloadpacket is torch.ops.aten.copy_:
-                    dst._kind.write(dst._inner, rest[0])
-                elif isinstance(dst._kind, Plain):
-                    payload = dst._inner[0]
-                    func(payload, *[a.to(payload.device) if isinstance(a, torch.Tensor) else a for a in rest], **kwargs)
-                else:
-                    raise RefusedOpError(
-                        f"{func} on an offloaded {dst._kind.name} weight ({dst!r}) would re-quantize it, which is "
-                        "not exact; fuse LoRA weights (or make other in-place changes) before quantizing, or keep "
-                        "the adapter unfused."
-                    )
-            return dst
-        after = _first_plain_tensor(args)
-        materialize = lambda t: t.materialize(after)  # noqa: E731
-        out = func(*tree_map_only(OffloadedTensor, materialize, args), **tree_map_only(OffloadedTensor, materialize, kwargs))
-        if func.is_view and _holds_a_copy(args[0]) and not torch.compiler.is_compiling():
-            # [Note: fetched views] A view of a fetched weight views the fetched copy; wrapped,
-            # so that a write into it (`w[0].fill_(0)`) is refused instead of silently lost. Real
-            # tensors only: under tracing (fake or functional tensors) views stay plain.
-            return tree_map_only(torch.Tensor, _fetched_view, out)
-        return out
+        return aten_rule(func)(func, args, kwargs or {})
 
 
-_linear = torch.nn.functional.linear
+def _run_outside_dynamo(*fns) -> None:
+    """[Note: eager fallback] After a graph break dynamo runs the rest of the frame eagerly with
+    its frame callback still installed, so every Python frame that C++ calls back into would be
+    compiled as a new top-level frame: our handlers, called for each op that meets a weight.
+    Dynamo would then trace the rules' own bookkeeping (caches, op schemas: graph breaks), guard on
+    each op (recompiles), and compile the dispatch of single aten ops (inductor crashed on
+    aten.mkldnn_rnn_layer). So they are skipped, with everything they call, as dynamo skips torch's
+    own code. Tracing is unaffected: dynamo inlines a subclass's __torch_function__ where traced
+    code meets it, and __torch_dispatch__ runs below AOTAutograd; a frame's strategy applies only
+    where the frame callback meets it, and costs nothing per call."""
+    try:
+        from torch._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:  # torch versions without it: dynamo compiles the handlers (correct, more breaks)
+        return
+    for fn in fns:
+        set_code_exec_strategy(fn.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
 
 
-def _opaque(weight) -> bool:
-    return type(weight) is OffloadedTensor and getattr(weight._kind, "opaque", False)
+_run_outside_dynamo(OffloadedTensor.__torch_function__.__func__, OffloadedTensor.__torch_dispatch__.__func__)
+
+
+def _lazy_view(weight: OffloadedTensor, steps: tuple[ViewStep, ...], like: torch.Tensor) -> OffloadedTensor:
+    """A wrapper with `like`'s metadata that reads and writes through `weight` (see [Note: lazy
+    views] in compile_rules.table)."""
+    view = torch.Tensor._make_wrapper_subclass(
+        OffloadedTensor,
+        like.shape,
+        strides=like.stride(),
+        storage_offset=like.storage_offset(),
+        dtype=like.dtype,
+        device=weight.device,
+        requires_grad=False,
+    )
+    view._inner = weight._inner
+    view._kind = weight._kind
+    view._compute_dtype = like.dtype
+    view._compute_device = weight._compute_device
+    view._key = weight._key
+    view._view = (weight, steps)
+    view._flat = None
+    view._direct = None
+    view.in_place_exact = weight.in_place_exact
+    return view
+
+
+def _apply_view(t: torch.Tensor, steps: tuple[ViewStep, ...]) -> torch.Tensor:
+    for func, args, kwargs, index in steps:
+        t = func(t, *args, **kwargs)
+        if index is not None:
+            t = t[index]
+    return t
 
 
 def _opaque_linear(input, weight: OffloadedTensor, bias=None) -> torch.Tensor:
-    """A compiled F.linear on a payload dynamo cannot rebuild (see [Note: opaque linear])."""
-    if type(bias) is OffloadedTensor:
+    """F.linear through `offload_tensor::subclass_linear` (see [Note: opaque linear] in ops.py)."""
+    if isinstance(bias, OffloadedTensor):
         bias = bias.materialize(input)
     return torch.ops.offload_tensor.subclass_linear(input, list(weight._fetched(input)), bias, weight._kind.spec)
-
-
-def _holds_a_copy(t) -> bool:
-    """Whether views of `t` view a fetched copy rather than the weight's payload."""
-    return type(t) is OffloadedTensor and (t._fetches or t._kind is FETCHED_VIEW)
-
-
-def _fetched_view(t: torch.Tensor) -> torch.Tensor:
-    if type(t) is not torch.Tensor:
-        return t
-    return OffloadedTensor((t,), FETCHED_VIEW, t.dtype, t.device, False)
-
-
-def _set_data(dst: OffloadedTensor, value) -> None:
-    """`dst.data = value` (see Rule.WRITE_THROUGH)."""
-    if type(value) is OffloadedTensor and value._kind == dst._kind and value.shape == dst.shape and not isinstance(dst._kind, FetchedView):
-        if value._inner[0] is not dst._inner[0]:
-            ops.before_write(ops.payload_key(dst._inner))
-            with torch.no_grad():
-                for t, v in zip(dst._inner, value._inner):
-                    t.copy_(v)
-        return None
-    raise RefusedOpError(_refusal(torch.Tensor.data.__set__, (dst, value)))
-
-
-def _set_item(dst, index, value) -> None:
-    """`dst[index] = value` (see Rule.WRITE_THROUGH): into a plain payload, where it lives."""
-    if type(dst) is not OffloadedTensor:  # an offloaded value written into a plain tensor
-        with _DisableTorchFunctionSubclass():
-            dst[index] = value.materialize(dst) if type(value) is OffloadedTensor else value
-        return None
-    if type(dst._kind) is not Plain:
-        raise RefusedOpError(_refusal(torch.Tensor.__setitem__, (dst, index, value)))
-    payload = dst._inner[0]
-    if type(value) is OffloadedTensor:
-        value = value.materialize()
-    if isinstance(value, torch.Tensor):
-        value = value.to(payload.device)
-    ops.before_write(ops.payload_key(dst._inner))
-    with torch.no_grad(), _DisableTorchFunctionSubclass():
-        payload[index] = value
-    return None
-
-
-_TF_WRITES = {torch.Tensor.data.__set__: _set_data, torch.Tensor.__setitem__: _set_item}
-
-
-def _first_plain_tensor(args) -> torch.Tensor | None:
-    for a in args:
-        if isinstance(a, torch.Tensor) and not isinstance(a, OffloadedTensor):
-            return a
-    return None
-
-
-def _empty_like(t: OffloadedTensor) -> torch.Tensor:
-    return torch.empty_strided(t.shape, t.stride(), dtype=t._compute_dtype, device=t._compute_device)
-
-
-def _refusal(func, args) -> str:
-    name = getattr(func, "__qualname__", None) or str(func)
-    if func == torch.Tensor.data.__set__:
-        name = "setting .data"
-    if isinstance(args[0], OffloadedTensor) and isinstance(args[0]._kind, FetchedView):
-        return (
-            f"{name} would write into a view of an offloaded weight ({args[0]!r}); the view holds a fetched copy, "
-            "so the write would never reach the weight. Write the weight itself: w[index] = value, or "
-            "w.copy_(new_value) (load_state_dict does this)."
-        )
-    if func is torch.Tensor.__setitem__ and isinstance(args[0], OffloadedTensor):
-        return (
-            f"{name} on an offloaded {args[0]._kind.name} weight ({args[0]!r}) would re-encode part of it, which "
-            "offload_tensor does not do; write the whole weight with copy_ (load_state_dict), or make the change "
-            "before wrap_model_for_offload."
-        )
-    return (
-        f"{name} would change an offloaded weight ({args[0]!r}) in place; offload_tensor only writes "
-        "weights through copy_ (as load_state_dict does), and moves them itself. Make the change before "
-        "wrap_model_for_offload, or call unwrap_model first. If an offloading hook (accelerate, diffusers "
-        "enable_group_offload) did this, do not combine it with offload_tensor."
-    )
 
 
 __all__ = ["OffloadedTensor", "RefusedOpError"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,20 +18,12 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from offload_tensor import ops
+from offload_tensor import integrations, ops
 from offload_tensor.engine import Engine, SynchronousEngine
-from offload_tensor.payloads import FLOAT8_DTYPES, SUPPORTED, kind_for, subclass_kind
-from offload_tensor.tensor import OffloadedTensor
+from offload_tensor.payloads import FLOAT8_DTYPES, SUPPORTED, kind_for, leaves, subclass_kind
+from offload_tensor.tensor import OffloadedTensor, RefusedOpError
 
 log = logging.getLogger("offload_tensor")
-
-_FOREIGN_DIFFUSERS_HOOKS = (
-    "group_offloading",
-    "lazy_prefetch_group_offloading",
-    "layer_execution_tracker",
-    "layerwise_casting",
-)
-
 
 @dataclass
 class OffloadState:
@@ -42,11 +33,11 @@ class OffloadState:
     engine: Engine
     # qualified name of each parameter's first slot -> (device, requires_grad) before wrapping;
     # by name, not id, so that a deep copy of the model can be unwrapped too
-    originals: dict[str, tuple[torch.device, bool]]
+    originals: dict[str, tuple[torch.device, bool, bool]]  # (device, requires_grad, is_inference)
     # (module, buffer name) -> device before wrapping
     buffer_devices: dict[tuple[nn.Module, str], torch.device]
     hook_handles: list = field(default_factory=list)
-    routed: list = field(default_factory=list)  # modules whose forward an integration replaced
+    undo: list = field(default_factory=list)  # what the integrations installed, undone by unwrap
 
 
 def named_parameter_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
@@ -61,7 +52,7 @@ def named_parameter_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, st
 def weight_groups(model: nn.Module, weights: list[torch.Tensor], granularity: str) -> list[list[int]]:
     """Indices into `weights`, grouped: one group per repeated block (granularity="block"), and
     one per module for the weights of modules outside blocks (or for all, granularity="leaf")."""
-    block_names = set(getattr(model, "_repeated_blocks", None) or getattr(model, "_no_split_modules", None) or ())
+    block_names = integrations.block_names(model)
     index = {id(w): i for i, w in enumerate(weights)}
     groups: list[list[int]] = []
     placed: set[int] = set()
@@ -145,38 +136,41 @@ def wrap_model_for_offload(
             f"{type(model).__name__} is already wrapped by offload_tensor; call unwrap_model(model) before "
             "wrapping it again with other settings."
         )
-    _check_no_foreign_offloading(model)
-    quanto_in_use = "optimum.quanto" in sys.modules
-    if quanto_in_use:
-        from offload_tensor.integrations import quanto
-
-        quanto.check(model)
+    integrations.check(model)
     slots = list(named_parameter_slots(model))
     for qualname, _, _, param in slots:
         _check_parameter(qualname, param)
 
     # -- build: new parameters and buffer copies, nothing assigned yet ---------------------
-    fetches = engine is not None or offload_device != compute_device
-    if engine is None:
-        engine = _default_engine(compute_device, offload_device, pin_memory)
-    per_channel = fp8_scale == "channel"
-    unique = list({id(param): param for _, _, _, param in slots}.values())  # tied weights once
-    kinds = [kind_for(param, storage_dtype, per_channel) for param in unique]
-    payloads = [tuple(t.to(offload_device) for t in k.encode(p.detach())) for k, p in zip(kinds, unique)]
-    if hasattr(engine, "prepare"):
-        groups = weight_groups(model, unique, granularity)
-        grouped = engine.prepare([[payloads[i] for i in group] for group in groups], prefetch, ops.payload_key)
-        for group, group_payloads in zip(groups, grouped):
-            for i, payload in zip(group, group_payloads):
-                payloads[i] = payload
-    wrapped: dict[int, nn.Parameter] = {}
-    for param, kind, inner in zip(unique, kinds, payloads):
-        tensor = OffloadedTensor(inner, kind, param.dtype, compute_device, fetches)
-        wrapped[id(param)] = nn.Parameter(tensor, requires_grad=False)
+    # Built as normal tensors even under torch.inference_mode(): the model must stay writable
+    # (load_state_dict) outside it, as it was.
+    with torch.inference_mode(False):
+        fetches = engine is not None or offload_device != compute_device
+        if engine is None:
+            engine = _default_engine(compute_device, offload_device, pin_memory)
+        per_channel = fp8_scale == "channel"
+        unique = list({id(param): param for _, _, _, param in slots}.values())  # tied weights once
+        kinds = [kind_for(param, storage_dtype, per_channel) for param in unique]
+        payloads = [tuple(t.to(offload_device) for t in k.encode(p.detach())) for k, p in zip(kinds, unique)]
+        keys = [ops.new_key() if fetches else None for _ in unique]
+        if hasattr(engine, "prepare"):
+            groups = weight_groups(model, unique, granularity)
+            grouped = engine.prepare(
+                [[payloads[i] for i in group] for group in groups],
+                prefetch,
+                [[int(keys[i]) for i in group] for group in groups],
+            )
+            for group, group_payloads in zip(groups, grouped):
+                for i, payload in zip(group, group_payloads):
+                    payloads[i] = payload
+        wrapped: dict[int, nn.Parameter] = {}
+        for param, kind, inner, key in zip(unique, kinds, payloads, keys):
+            tensor = OffloadedTensor(inner, kind, param.dtype, compute_device, key)
+            wrapped[id(param)] = nn.Parameter(tensor, requires_grad=False)
     first_name: dict[int, str] = {}
     for qualname, _, _, param in slots:
         first_name.setdefault(id(param), qualname)
-    originals = {first_name[id(p)]: (p.device, p.requires_grad) for p in unique}
+    originals = {first_name[id(p)]: (leaves(p)[0].device, p.requires_grad, p.is_inference()) for p in unique}
     buffers = [
         (module, name, buf, buf.to(compute_device))
         for module in model.modules()
@@ -192,19 +186,20 @@ def wrap_model_for_offload(
         buffer_devices={(module, name): buf.device for module, name, buf, _ in buffers},
     )
     for _, module, name, param in slots:
-        module._parameters[name] = wrapped[id(param)]
+        setattr(module, name, wrapped[id(param)])  # as modules expect (nn.RNN refreshes its weight list)
     for module, name, _, moved in buffers:
         module._buffers[name] = moved
     dtypes = tuple({p.dtype for p in wrapped.values() if p.is_floating_point()} | {torch.float32})
     for module in model.modules():
         # An instance attribute shadows nn.Module._apply for .to()/.half()/.cuda() on this module.
         module.__dict__["_apply"] = functools.partial(_guarded_apply, module, dtypes, compute_device)
+        module.__dict__[_WRAPPED_MODULE] = True
         if any(isinstance(p, OffloadedTensor) for p in module._parameters.values()):
             state.hook_handles.append(module.register_state_dict_post_hook(_plain_state_dict))
-    if quanto_in_use:
-        state.routed = quanto.route(model)
+    state.undo = integrations.install(model)
     if fetches:
-        ops.register_engine((ops.payload_key(p._inner) for p in wrapped.values()), engine)
+        ops.register_engine((int(p._key) for p in wrapped.values()), engine)
+    _install_assignment_hook()
     model.__dict__["_offload_state"] = state
     return model
 
@@ -218,32 +213,40 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     Example:
         >>> unwrap_model(wrap_model_for_offload(model)).state_dict()  # equal to the original
     """
-    state = _state(model, "unwrap_model")
+    state = offload_state(model, "unwrap_model")
     plain: dict[int, nn.Parameter] = {}
     slots = list(named_parameter_slots(model))
-    for qualname, _, _, param in slots:
+    for qualname, _, _, param in slots:  # build every parameter before changing anything
         if id(param) in plain or not isinstance(param, OffloadedTensor):
             continue
-        ops.unregister_engine(ops.payload_key(param._inner), state.engine)
         # A weight moved to another module since wrapping has no recorded origin: it stays where
         # its payload is.
-        orig_device, requires_grad = state.originals.get(qualname, (param._inner[0].device, False))
-        value = param.payload_value().to(orig_device)
-        plain[id(param)] = nn.Parameter(value, requires_grad=requires_grad)
+        device, requires_grad, inference = state.originals.get(qualname, (param._inner[0].device, False, False))
+        # A weight created under inference_mode (diffusers' tests build models so) comes back as one.
+        with torch.inference_mode(inference):
+            value = param.payload_value().to(device)
+            if inference and not value.is_inference():
+                value = value.clone()
+            plain[id(param)] = nn.Parameter(value, requires_grad=requires_grad)
+    for _, _, _, param in slots:
+        if isinstance(param, OffloadedTensor) and param._key is not None:
+            ops.unregister_engine(int(param._key), state.engine)
+    for module in model.modules():
+        module.__dict__.pop("_apply", None)
+        module.__dict__.pop(_WRAPPED_MODULE, None)  # before assigning: plain weights are not written through
     for _, module, name, param in slots:
         if id(param) in plain:
-            module._parameters[name] = plain[id(param)]
+            setattr(module, name, plain[id(param)])
+    for module in model.modules():
+        if isinstance(module, nn.RNNBase):
+            module.flatten_parameters()  # plain weights again: one chunk for cuDNN, as before wrapping
     for (module, name), device in state.buffer_devices.items():
         if module._buffers.get(name) is not None:
             module._buffers[name] = module._buffers[name].to(device)
-    for module in model.modules():
-        module.__dict__.pop("_apply", None)
     for handle in state.hook_handles:
         handle.remove()
-    if state.routed:
-        from offload_tensor.integrations import quanto
-
-        quanto.unroute(state.routed)
+    for undo in state.undo:
+        undo()
     if hasattr(state.engine, "close"):
         state.engine.close()
     del model.__dict__["_offload_state"]
@@ -260,7 +263,7 @@ def _default_engine(compute_device: torch.device, offload_device: torch.device, 
     return SynchronousEngine()
 
 
-def _state(model: nn.Module, caller: str) -> OffloadState:
+def offload_state(model: nn.Module, caller: str) -> OffloadState:
     if not is_wrapped(model):
         raise ValueError(
             f"{caller}: {type(model).__name__} is not wrapped by offload_tensor (never wrapped, or already "
@@ -312,33 +315,13 @@ def _offload_device(offload: str | torch.device) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_no_foreign_offloading(model: nn.Module) -> None:
-    for name, module in model.named_modules():
-        where = name or type(model).__name__
-        if getattr(module, "_hf_hook", None) is not None:
-            raise ValueError(
-                f"{where} carries an accelerate hook (enable_model_cpu_offload, enable_sequential_cpu_offload, "
-                "cpu_offload or device_map offloading), which moves weights itself; remove it "
-                "(accelerate.hooks.remove_hook_from_module(model, recurse=True), or load without device_map) "
-                "before wrap_model_for_offload."
-            )
-        registry = getattr(module, "_diffusers_hook", None)
-        foreign = [h for h in getattr(registry, "hooks", {}) if h in _FOREIGN_DIFFUSERS_HOOKS]
-        if foreign:
-            raise ValueError(
-                f"{where} carries diffusers hooks {foreign} (enable_group_offload or enable_layerwise_casting), "
-                "which move or cast weights themselves; remove them (model.disable_group_offload(), or reload the "
-                "model) before wrap_model_for_offload, which replaces them."
-            )
-
-
 def _check_parameter(qualname: str, param: torch.Tensor) -> None:
     if isinstance(param, OffloadedTensor):
         raise ValueError(
             f"{qualname} is already an OffloadedTensor (this module is part of a wrapped model); wrap a model "
             "once, from its root, or unwrap_model the outer model first."
         )
-    if param.is_meta:
+    if any(t.is_meta for t in leaves(param)):  # a quantized wrapper may be on meta with real data
         raise ValueError(
             f"{qualname} is on the meta device (the model was created without weights, e.g. under "
             "init_empty_weights or low_cpu_mem_usage); load its weights before wrap_model_for_offload."
@@ -399,3 +382,35 @@ def _plain_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_me
     for name, param in module._parameters.items():
         if isinstance(param, OffloadedTensor) and prefix + name in state_dict:
             state_dict[prefix + name] = param.payload_value().detach()
+
+
+_WRAPPED_MODULE = "_offload_tensor_wrapped"
+_assignment_hook = None
+
+
+def _install_assignment_hook() -> None:
+    global _assignment_hook
+    if _assignment_hook is None:
+        _assignment_hook = nn.modules.module.register_module_parameter_registration_hook(_assigned_parameter)
+
+
+def _assigned_parameter(module: nn.Module, name: str, param: torch.Tensor | None):
+    """A parameter assigned to a wrapped module in place of an offloaded weight
+    (`load_state_dict(sd, assign=True)`, `module.weight = nn.Parameter(t)`): its value is written
+    into the offloaded weight, which stays in place, so the model never silently holds a plain
+    weight while it reports itself wrapped (an fp8 model computing at full precision, or a weight
+    the engine never streams). Parameters under new names (adapters) stay as they are."""
+    if param is None or isinstance(param, OffloadedTensor) or not module.__dict__.get(_WRAPPED_MODULE):
+        return None
+    current = module._parameters.get(name)
+    if not isinstance(current, OffloadedTensor):
+        return None
+    if param.shape != current.shape or param.dtype != current.dtype:
+        raise RefusedOpError(
+            f"assigning a {tuple(param.shape)} {param.dtype} parameter to {type(module).__name__}.{name}, an offloaded "
+            f"{tuple(current.shape)} {current.dtype} weight, would change its shape or dtype after wrapping; "
+            "unwrap_model(model) first, or assign a value of the same shape and dtype (it is written into the weight)."
+        )
+    with torch.no_grad():
+        current.copy_(param.detach())
+    return current

@@ -46,25 +46,25 @@ def output(result) -> torch.Tensor:
 
 
 def _flux() -> nn.Module:
-    from offload_tensor.demo import tiny_flux  # the demo's model, so tests check what the demo shows
+    from offload_tensor.testing import tiny_flux  # the demo's model, so tests check what the demo shows
 
     return tiny_flux()
 
 
 def _flux_inputs(seed: int) -> dict:
-    from offload_tensor.demo import tiny_flux_inputs
+    from offload_tensor.testing import tiny_flux_inputs
 
     return tiny_flux_inputs(seed)
 
 
 def _wan() -> nn.Module:
-    from offload_tensor.demo import tiny_wan
+    from offload_tensor.testing import tiny_wan
 
     return tiny_wan()
 
 
 def _wan_inputs(seed: int) -> dict:
-    from offload_tensor.demo import tiny_wan_inputs
+    from offload_tensor.testing import tiny_wan_inputs
 
     return tiny_wan_inputs(seed)
 

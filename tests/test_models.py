@@ -1,12 +1,14 @@
 """Wrapped models equal the same models without offloading, eager and compiled, with zero graph
-breaks and no more graphs than the plain model (DESIGN.md section 8 on how to count)."""
+breaks and no more graphs than the plain model (docs/design.md, "Counting graphs", on how to count)."""
 
 import pytest
 import torch
+from torch import nn
 
 import compile_rules
 from models import CASES, output
-from offload_tensor import RecordingEngine, offload_report, wrap_model_for_offload
+from offload_tensor import offload_report, wrap_model_for_offload
+from offload_tensor.testing import RecordingEngine
 
 ids = [c.name for c in CASES]
 
@@ -57,3 +59,80 @@ def test_repeated_blocks_share_one_graph_per_block_kind():
     report = compile_rules.check(model, repeated_blocks=True, fullgraph=True, **case.inputs(0))
     assert report.graphs == 3 and report.recompiles == 1  # the plain model's own single-stream stride recompile
     assert all("stride mismatch" in r and "hidden_states" in r for r in report.recompile_reasons)
+
+
+# -- torch.nn RNNs, and graph breaks on ops that read weights ---------------------------------
+RNNS = {
+    "lstm-proj": lambda: nn.LSTM(8, 6, num_layers=2, proj_size=4),
+    "gru-batch-first": lambda: nn.GRU(8, 6, num_layers=2, batch_first=True),
+    "rnn-bidirectional": lambda: nn.RNN(8, 6, num_layers=2, bidirectional=True),
+}
+
+
+@pytest.mark.parametrize("name", list(RNNS))
+@pytest.mark.parametrize("path", ["zero-copy", "fetch"])
+def test_rnn_eager_bit_exact_and_compiled_like_plain(name, path):
+    """RNNs pass their weights as one list to a fused op (torch.lstm & co.): each weight fetched
+    once, eager bit-exact (against the module with frozen weights, whose kernel choice ours
+    shares); compiled with fullgraph=False (dynamo refuses RNN modules themselves) with no more
+    breaks and graphs than the plain module."""
+    torch.manual_seed(0)
+    plain = RNNS[name]().eval().requires_grad_(False)
+    torch.manual_seed(0)
+    model = RNNS[name]().eval()
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        expected = plain(x)[0]
+    engine = RecordingEngine() if path == "fetch" else None
+    wrap_model_for_offload(model, engine=engine)
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], expected)
+    if engine is not None:
+        assert sorted(engine.keys) == sorted(int(p._key) for p in model.parameters())  # one fetch each
+    plain_report = compile_rules.check(plain, x)
+    report = compile_rules.check(model, x)
+    assert (report.graph_breaks, report.graphs, report.recompiles) <= (
+        plain_report.graph_breaks, plain_report.graphs, plain_report.recompiles
+    ), f"plain: {plain_report}\nwrapped: {report}"
+    torch.testing.assert_close(report.output[0], expected, atol=1e-6, rtol=0)
+
+
+class _BreaksOnAWeight(nn.Module):
+    """A graph break on an op that reads a weight, between two compiled regions."""
+
+    def __init__(self, read):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.read = read
+
+    def forward(self, x):
+        x = self.a(x)
+        return self.b(x) * self.read(self.b.weight)
+
+
+BREAKING_READS = {
+    "nonzero": lambda w: torch.nonzero(w).shape[0],
+    "item": lambda w: w[0, 0].item(),
+    "tolist": lambda w: len(w.tolist()),
+    "data-dependent-if": lambda w: 2.0 if w.sum() > 0 else 3.0,
+}
+
+
+@pytest.mark.parametrize("read", list(BREAKING_READS))
+@pytest.mark.parametrize("path", ["zero-copy", "fetch"])
+def test_graph_break_on_a_weight_read_adds_no_break_or_graph(read, path):
+    """After a break dynamo runs the rest eagerly; it must not compile offload_tensor's own
+    dispatch code as new frames (before: 5 breaks and 3 graphs where the plain model has 1 and 2)."""
+    torch.manual_seed(0)
+    plain = _BreaksOnAWeight(BREAKING_READS[read]).eval()
+    torch.manual_seed(0)
+    model = wrap_model_for_offload(
+        _BreaksOnAWeight(BREAKING_READS[read]).eval(), engine=RecordingEngine() if path == "fetch" else None
+    )
+    x = torch.randn(2, 8)
+    plain_report = compile_rules.check(plain, x)
+    report = compile_rules.check(model, x)
+    assert (report.graph_breaks, report.graphs, report.recompiles) <= (
+        plain_report.graph_breaks, plain_report.graphs, plain_report.recompiles
+    ), f"plain: {plain_report}\nwrapped: {report}"
+    torch.testing.assert_close(report.output, plain_report.output, atol=1e-6, rtol=0)

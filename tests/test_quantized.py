@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 import compile_rules
-from models import CASES, output
-from offload_tensor import RecordingEngine, offload_report, unwrap_model, wrap_model_for_offload
+from models import CASES, engine_for, output
+from offload_tensor import OffloadedTensor, offload_report, unwrap_model, wrap_model_for_offload
+from offload_tensor.testing import RecordingEngine
 from offload_tensor.engine.fake import FakeBackend
 from offload_tensor.engine.streaming import StreamingEngine
 
@@ -256,3 +257,97 @@ def test_cuda_streamed_quantized_equals_resident(backend, scheme):
     model.compile_repeated_blocks(fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(output(model(**inputs)), expected, atol=1e-3, rtol=1e-3)
+
+
+# -- behaving like the plain quantized model (shapes, state dicts, dequantize) -------------------
+def from_pretrained(path, config=None, **kwargs):
+    from diffusers import FluxTransformer2DModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return FluxTransformer2DModel.from_pretrained(path, quantization_config=config, **kwargs).eval()
+
+
+@pytest.fixture(scope="module")
+def flux_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("flux") / "plain"
+    FLUX.make().save_pretrained(path)
+    return path
+
+
+def run(model, seed=0):
+    with torch.no_grad():
+        return output(model(**FLUX.inputs(seed)))
+
+
+@pytest.mark.parametrize("scheme", ["qint4", "qint2", "qint8"])
+def test_packed_quanto_weights_report_their_logical_shape(scheme):
+    """quanto packs int4/int2 data into fewer bytes: the wrapper reports the weight's shape, not
+    the packed one, so numel, parameter counts and reloading the model's own state are right."""
+    quanto_scheme = {"qint4": quanto.qint4, "qint2": quanto.qint2, "qint8": quanto.qint8}[scheme]
+    plain, model = FLUX.make(), FLUX.make()
+    for m in (plain, model):
+        quanto.quantize(m, weights=quanto_scheme)
+        quanto.freeze(m)
+    wrap_model_for_offload(model, engine=RecordingEngine())
+    assert [(n, p.shape) for n, p in model.named_parameters()] == [(n, p.shape) for n, p in plain.named_parameters()]
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
+    expected = run(plain)
+    model.load_state_dict(model.state_dict())
+    assert torch.equal(run(model), expected)
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_wrapped_quanto_model_saves_and_loads_as_the_plain_one(flux_checkpoint, tmp_path, weights, safe):
+    from diffusers import QuantoConfig
+
+    plain = from_pretrained(flux_checkpoint, QuantoConfig(weights_dtype=weights))
+    expected, plain_state = run(plain), plain.state_dict()
+    model = wrap_model_for_offload(from_pretrained(flux_checkpoint, QuantoConfig(weights_dtype=weights)))
+    state = model.state_dict()
+    assert sorted(state) == sorted(plain_state)  # weight._data, weight._scale, ... as quanto saves them
+    assert all(torch.equal(v, plain_state[k]) for k, v in state.items())
+    model.save_pretrained(tmp_path, safe_serialization=safe)
+    reloaded = from_pretrained(tmp_path, use_safetensors=safe)  # a plain quanto model, no offload_tensor
+    assert torch.equal(run(reloaded), expected)
+    target = wrap_model_for_offload(from_pretrained(flux_checkpoint, QuantoConfig(weights_dtype=weights)))
+    with torch.no_grad():
+        for p in target.parameters():
+            for t in p._inner:
+                t.zero_()
+    target.load_state_dict(plain_state)  # quanto's flattened keys, into offloaded weights
+    assert all(isinstance(p, OffloadedTensor) for p in target.parameters())
+    assert torch.equal(run(target), expected)
+    assert torch.equal(run(wrap_model_for_offload(reloaded)), expected)  # pre-quantized, loaded, wrapped
+    assert torch.equal(run(unwrap_model(reloaded)), expected)
+
+
+@pytest.mark.parametrize("engine", ["zero-copy", "sync"])
+def test_dequantize_really_dequantizes_the_payloads(flux_checkpoint, engine):
+    from diffusers import TorchAoConfig
+
+    config = lambda: TorchAoConfig(Int8WeightOnlyConfig())  # noqa: E731
+    plain = from_pretrained(flux_checkpoint, config(), torch_dtype=torch.float32)
+    plain.dequantize()
+    expected = run(plain)
+    model = from_pretrained(flux_checkpoint, config(), torch_dtype=torch.float32)
+    quantized = run(model)
+    assert not torch.equal(quantized, expected)  # dequantizing changes the output: the test can fail
+    wrap_model_for_offload(model, engine=engine_for(engine))
+    model.dequantize()
+    assert not model.is_quantized and not hasattr(model, "hf_quantizer")
+    assert {p._kind.name for p in model.parameters()} == {"plain"}
+    assert torch.equal(run(model), expected)
+    assert torch.equal(run(unwrap_model(model)), expected)
+
+
+def test_dequantize_of_a_streamed_model_is_a_clear_error_and_changes_nothing(flux_checkpoint):
+    from diffusers import TorchAoConfig
+
+    model = from_pretrained(flux_checkpoint, TorchAoConfig(Int8WeightOnlyConfig()), torch_dtype=torch.float32)
+    wrap_model_for_offload(model, engine=StreamingEngine(FakeBackend()))
+    expected = run(model)
+    with pytest.raises(RuntimeError, match=r"unwrap_model\(model\), model.dequantize\(\)"):
+        model.dequantize()
+    assert model.is_quantized and torch.equal(run(model), expected)

@@ -4,13 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from offload_tensor import OffloadedTensor, RecordingEngine, wrap_model_for_offload
-from offload_tensor.ops import FetchStats, payload_key
+from compile_rules import FetchStats
+from offload_tensor import OffloadedTensor, wrap_model_for_offload
+from offload_tensor.ops import new_key
+from offload_tensor.testing import RecordingEngine
 from offload_tensor.payloads import Float8, Plain
 
 
 def _wrapped(weight, kind=Plain(), fetches=True):
-    return OffloadedTensor(kind.encode(weight), kind, weight.dtype, torch.device("cpu"), fetches)
+    return OffloadedTensor(kind.encode(weight), kind, weight.dtype, torch.device("cpu"), new_key() if fetches else None)
 
 
 def test_reports_compute_metadata_and_is_a_parameter():
@@ -28,16 +30,19 @@ def test_flatten_context_is_per_type_not_per_weight():
     a, b = _wrapped(torch.randn(8, 8)), _wrapped(torch.randn(8, 8))
     names_a, ctx_a = a.__tensor_flatten__()
     names_b, ctx_b = b.__tensor_flatten__()
-    assert names_a == names_b == ["payload"]
+    assert names_a == names_b == ["payload", "_key"]  # identity travels as data (an inner tensor)
     assert ctx_a == ctx_b and hash(ctx_a) == hash(ctx_b)  # dynamo guards on this: must not tell blocks apart
-    rebuilt = OffloadedTensor.__tensor_unflatten__({"payload": a.payload}, ctx_a, a.shape, a.stride())
+    assert int(a._key) != int(b._key)
+    rebuilt = OffloadedTensor.__tensor_unflatten__({"payload": a.payload, "_key": a._key}, ctx_a, a.shape, a.stride())
     assert torch.equal(rebuilt.materialize(), a.materialize())
     assert a._stable_hash_for_caching() == b._stable_hash_for_caching()
 
 
 def test_fetch_op_schema_and_fake_agree():
     payload = [torch.randn(5, 3), torch.randn(5, 1)]
-    torch.library.opcheck(torch.ops.offload_tensor.fetch.default, (payload, torch.randn(2), torch.device("cpu")))
+    torch.library.opcheck(
+        torch.ops.offload_tensor.fetch.default, (payload, new_key(), torch.randn(2), torch.device("cpu"))
+    )
 
 
 def test_fetch_hands_over_fresh_memory():
@@ -120,7 +125,7 @@ def test_compiled_fetches_run_in_execution_order_not_hoisted(backend):
     engine = _TimelineEngine({})
     wrap_model_for_offload(model, engine=engine)
     engine.layer_of_key = {
-        payload_key(p._inner): i // 4 for i, p in enumerate(model.parameters())
+        int(p._key): i // 4 for i, p in enumerate(model.parameters())
     }  # 4 weights per layer: linear weight, bias, norm weight, bias
     compiled = torch.compile(model, fullgraph=True, backend=_hoisting_backend() if backend == "hoisting" else backend)
     with torch.no_grad():
@@ -147,3 +152,61 @@ def test_detach_alias_and_clone_keep_the_wrapper(kind):
     c = w.clone()
     assert type(c) is OffloadedTensor and c._inner[0].data_ptr() != w._inner[0].data_ptr()
     assert torch.equal(c.materialize(), w.materialize())
+
+
+# -- identity (see [Note: weight identity] in ops.py) ------------------------------------------
+class _SharedStorage(nn.Module):
+    """Two zero-size weights (all have data_ptr() == 0) and two weights over one storage (the same
+    data_ptr): an address-keyed registry serves one for the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.empty_in = nn.Linear(0, 4)
+        self.empty_out = nn.Linear(4, 0)
+        base = torch.randn(4, 4)
+        self.a = nn.Parameter(base)
+        self.b = nn.Parameter(base.view(2, 8))
+
+    def forward(self, x):
+        y = self.empty_in(x[:, :0]) + x @ self.a
+        return y.sum() + self.empty_out(y).sum() + (x.view(-1, 8) @ self.b.t()).sum()
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_weights_without_an_address_of_their_own_are_each_served_their_own(prefetch):
+    from offload_tensor.engine.fake import FakeBackend
+    from offload_tensor.engine.streaming import StreamingEngine
+
+    torch.manual_seed(0)
+    plain = _SharedStorage()
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        expected = plain(x)
+    model = wrap_model_for_offload(plain, engine=StreamingEngine(FakeBackend()), prefetch=prefetch, granularity="leaf")
+    keys = [int(p._key) for p in model.parameters()]
+    assert len(set(keys)) == len(keys)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(x), expected)
+
+
+def test_two_live_models_never_share_a_key_and_a_dropped_model_leaves_none():
+    import gc
+
+    import offload_tensor.ops as ops
+
+    a = wrap_model_for_offload(nn.Linear(4, 4), engine=RecordingEngine())
+    b = wrap_model_for_offload(nn.Linear(4, 4), engine=RecordingEngine())
+    keys_a = {int(p._key) for p in a.parameters()}
+    assert keys_a.isdisjoint(int(p._key) for p in b.parameters())
+    del a
+    gc.collect()
+    assert not keys_a & set(ops._engines)
+    c = wrap_model_for_offload(nn.Linear(4, 4), engine=RecordingEngine())  # may reuse a's freed memory
+    assert keys_a.isdisjoint(int(p._key) for p in c.parameters())
+
+
+def test_alias_shares_the_key_clone_gets_a_new_one():
+    w = _wrapped(torch.randn(3, 3))
+    assert int(w.detach()._key) == int(w._key) and int(w.data._key) == int(w._key)
+    assert int(w.clone()._key) != int(w._key)

@@ -8,6 +8,6 @@ This package holds the synchronous engine. The streaming engine (host arena, sid
 prefetch, slot ring) plugs in behind the same `Engine` protocol.
 """
 
-from offload_tensor.engine.sync import Engine, RecordingEngine, SynchronousEngine
+from offload_tensor.engine.sync import Engine, SynchronousEngine
 
-__all__ = ["Engine", "RecordingEngine", "SynchronousEngine"]
+__all__ = ["Engine", "SynchronousEngine"]

@@ -13,6 +13,14 @@ Invariants:
   loaded on demand (a miss), and the order is learnt again from there.
 - Reads hand over fresh tensors (see [Note: fetch hands over ownership] in ops.py).
 
+[Note: release events]
+A slot's `released` event must cover every read of the slot, or a copy waiting on it may land
+while compute still reads. A read makes the slot's event stale, so each read clears it; it is
+recorded again when compute moves to another group, when the slot is taken for a copy, and when
+the scheduler is reset (a write to a payload, e.g. load_state_dict). A group read, left and read
+again (tied weights, a group visited twice per forward) would otherwise keep the event of its
+first visit: a later copy would then wait only for the first visit's reads.
+
 [Note: execution order]
 The order is learnt from the sequence of group changes of the first forward, as a cycle: the
 trace ends when its first group is requested again (the next forward began). After that the
@@ -58,7 +66,9 @@ class Slot:
     index: int
     group: int | None = None
     ready: Event | None = None  # the copy of `group` into this slot has landed
-    released: Event | None = None  # compute has finished reading the slot's previous group
+    # Completes once every read of the slot enqueued so far has finished; None while reads may
+    # be pending that no event covers yet (every read clears it, see [Note: release events]).
+    released: Event | None = None
 
 
 @dataclass
@@ -99,6 +109,7 @@ class Scheduler:
             self._load(group)
             slot = self._slot_holding(group)
         self.backend.wait(slot.ready)
+        slot.released = None  # this read is covered by no release event yet
         return self.backend.read(group, slot.index, key)
 
     # -- order and window ---------------------------------------------------------------------
@@ -192,7 +203,9 @@ class Scheduler:
         self.stats.copies += 1
 
     def reset(self) -> None:
-        """Forget which groups the slots hold (the next fetch of each group copies again)."""
+        """Forget which groups the slots hold (the next fetch of each group copies again). Every
+        slot keeps a release event covering all its reads, so no later copy overwrites a slot
+        compute may still read."""
         for slot in self.slots:
             if slot.group is not None and slot.released is None:
                 slot.released = self.backend.release(slot.index)

@@ -22,7 +22,6 @@ import warnings
 from collections.abc import Hashable, Sequence
 
 import torch
-
 from tqdm.auto import tqdm
 
 from offload_tensor.engine.host_store import Arena, build_arena
@@ -41,7 +40,7 @@ class StreamingEngine:
         self._warned_threads = False
 
     def prepare(
-        self, groups: Sequence[Sequence[tuple[torch.Tensor, ...]]], prefetch: int, key_of
+        self, groups: Sequence[Sequence[tuple[torch.Tensor, ...]]], prefetch: int, keys: Sequence[Sequence[int]]
     ) -> list[list[tuple[torch.Tensor, ...]]]:
         if self.scheduler is not None:
             raise ValueError("this StreamingEngine already serves a model; create one engine per wrapped model.")
@@ -49,7 +48,6 @@ class StreamingEngine:
         bar = tqdm(groups, desc="offload_tensor: host arenas", unit="group", disable=total <= PROGRESS_BYTES)
         self.arenas = [build_arena(group) for group in bar]
         payloads = [arena.payloads() for arena in self.arenas]
-        keys = [[key_of(p) for p in group] for group in payloads]
         self.backend.prepare(self.arenas, keys, prefetch + 1)
         group_of = {key: g for g, group_keys in enumerate(keys) for key in group_keys}
         self.scheduler = Scheduler(group_of, prefetch, self.backend)

@@ -11,11 +11,11 @@ import torch
 class Engine(Protocol):
     """What the fetch op asks at run time.
 
-    `key` identifies one offloaded weight (the address of its first payload tensor); an engine
-    may use it to find a prefetched copy. `payload` is the weight's inner tensors on the offload
+    `key` identifies one offloaded weight (assigned at wrap, see [Note: weight identity] in
+    ops.py); an engine may use it to find a prefetched copy. `payload` is the weight's inner tensors on the offload
     device; the result must equal them, copied to `device`, and must not be held by the engine.
 
-    Optional methods, called when present: `prepare(groups, prefetch, key_of)` by
+    Optional methods, called when present: `prepare(groups, prefetch, keys)` by
     wrap_model_for_offload with the payloads grouped (returns the payloads to keep, e.g. views
     into host arenas), `invalidate()` before a payload is written in place, `close()` by
     unwrap_model.
@@ -31,15 +31,3 @@ class SynchronousEngine:
         # copy=True: when the offload device is the compute device (a copying test backend), the
         # result must still be a fresh tensor, never the payload itself.
         return [t.to(device, copy=True) for t in payload]
-
-
-class RecordingEngine(SynchronousEngine):
-    """A synchronous engine that records the key of every fetch, in run-time order (for tests and
-    the compile checker)."""
-
-    def __init__(self) -> None:
-        self.keys: list[int] = []
-
-    def fetch(self, key: int, payload: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-        self.keys.append(key)
-        return super().fetch(key, payload, device)

@@ -1,2 +1,89 @@
-"""Integrations with libraries whose modules need to know about offloaded weights. Nothing
-outside this package imports them."""
+"""What offload_tensor must know about the libraries whose models it wraps, behind one protocol.
+
+This module is the protocol and its registry; each library has a module of its own here that
+registers an `Integration` when offload_tensor is imported. The core (wrap, payloads) asks the
+registry and names no library; the library modules may use the core. An integration never
+imports its library: it acts only when the library is already imported (it is in `sys.modules`),
+since a model of that library cannot exist otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from torch import nn
+
+Undo = Callable[[], None]
+
+
+def _nothing(*args) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Integration:
+    """One library's part in wrapping.
+
+    check(model): raise, naming the problem and the fix, when the model cannot be wrapped as it
+        is (called before anything changes).
+    install(model): adapt a model whose weights were just replaced; return what undoes it
+        (unwrap_model calls it), or None.
+    carries(cls): whether a weight of this tensor-subclass type is a quantized payload the
+        library's kernels run (offloaded as its inner tensors).
+    opaque(cls): whether such a payload cannot be rebuilt inside a compiled graph (see [Note:
+        opaque linear] in ops.py).
+    blocks(model): class names of the model's repeated blocks (grouped into one copy each).
+    """
+
+    name: str
+    module: str  # the top-level package; the integration acts only when it is imported
+    check: Callable[[nn.Module], None] = _nothing
+    install: Callable[[nn.Module], Undo | None] = _nothing
+    carries: Callable[[type], bool] = lambda cls: False
+    opaque: Callable[[type], bool] = lambda cls: False
+    blocks: Callable[[nn.Module], Iterable[str]] = lambda model: ()
+
+    @property
+    def active(self) -> bool:
+        return self.module in sys.modules
+
+
+def from_library(obj: object, package: str) -> bool:
+    """Whether `obj`'s class, or a class it derives from, is defined in `package`."""
+    return any(c.__module__.split(".", 1)[0] == package for c in type(obj).__mro__)
+
+
+_registered: list[Integration] = []
+
+
+def register(integration: Integration) -> Integration:
+    _registered.append(integration)
+    return integration
+
+
+def active() -> list[Integration]:
+    return [i for i in _registered if i.active]
+
+
+def check(model: nn.Module) -> None:
+    for integration in active():
+        integration.check(model)
+
+
+def install(model: nn.Module) -> list[Undo]:
+    return [undo for integration in active() if (undo := integration.install(model)) is not None]
+
+
+def carrier(cls: type) -> Integration | None:
+    """The integration whose library's kernels run a quantized payload of type `cls`, if any."""
+    return next((i for i in active() if i.carries(cls)), None)
+
+
+def opaque(cls: type) -> bool:
+    return any(i.opaque(cls) for i in active())
+
+
+def block_names(model: nn.Module) -> set[str]:
+    return {name for integration in active() for name in integration.blocks(model)}

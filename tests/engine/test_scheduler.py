@@ -12,7 +12,6 @@ from offload_tensor import offload_report, wrap_model_for_offload
 from offload_tensor.engine.fake import FakeBackend, StreamRaceError
 from offload_tensor.engine.scheduler import Scheduler
 from offload_tensor.engine.streaming import StreamingEngine
-from offload_tensor.ops import payload_key
 
 CPU = torch.device("cpu")
 
@@ -22,17 +21,22 @@ def make_engine(groups=6, weights_per_group=3, prefetch=1, scheduler_cls=Schedul
     payloads = [[(torch.randn(5 + w, 4, generator=g),) for w in range(weights_per_group)] for _ in range(groups)]
     expected = [[p[0].clone() for p in group] for group in payloads]
     engine = StreamingEngine(FakeBackend(**backend))
-    arena_payloads = engine.prepare(payloads, prefetch, payload_key)
+    arena_payloads = engine.prepare(payloads, prefetch, keys_of(groups, weights_per_group))
     if scheduler_cls is not Scheduler:
         s = engine.scheduler
         engine.scheduler = scheduler_cls(s.group_of, s.prefetch, s.backend)
     return engine, arena_payloads, expected
 
 
+def keys_of(groups, weights_per_group):
+    """Weight keys as wrap assigns them: one int per weight, unique."""
+    return [[1000 * g + w for w in range(weights_per_group)] for g in range(groups)]
+
+
 def forward(engine, payloads, expected, order):
     for g in order:
-        for payload, value in zip(payloads[g], expected[g]):
-            (out,) = engine.fetch(payload_key(payload), payload, CPU)
+        for w, (payload, value) in enumerate(zip(payloads[g], expected[g])):
+            (out,) = engine.fetch(1000 * g + w, payload, CPU)
             assert torch.equal(out, value)
             assert out.data_ptr() != payload[0].data_ptr()  # handed over, not the arena
 

@@ -1,0 +1,146 @@
+"""What users do with models, on the families where each habit broke: non-contiguous weights
+(GPT-2's Conv1D), models built or wrapped under inference_mode (diffusers' tests), torch.export of
+fp8 payloads (a transformers LLM), reading values (tolist, numpy, .cpu()), torch.jit.trace (a
+clear error, never a trace that bakes the weights in)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from models import CASES, output
+from offload_tensor import RefusedOpError, unwrap_model, wrap_model_for_offload
+from offload_tensor.testing import RecordingEngine
+
+FLUX = CASES[0]
+PAYLOADS = {
+    "zero-copy": {},
+    "fetched": {"engine": "sync"},
+    "fp8": {"storage_dtype": torch.float8_e4m3fn},
+}
+
+
+def wrap(model, payload):
+    kwargs = dict(PAYLOADS[payload])
+    if kwargs.get("engine") == "sync":
+        kwargs["engine"] = RecordingEngine()
+    return wrap_model_for_offload(model, **kwargs)
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    return GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)).eval()
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=50, tie_word_embeddings=True, use_cache=False,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+IDS = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("payload", list(PAYLOADS))
+def test_non_contiguous_weights_reshape_flatten_and_contiguous(payload):
+    """GPT-2 keeps (in, out) weights; code that transposes them and reshapes (w.t().reshape(-1))
+    needs .contiguous() to give a contiguous tensor. A weight that is non-contiguous at wrap
+    time too."""
+    model = tiny_gpt2()
+    model.h[0].mlp.c_fc.weight = nn.Parameter(model.h[0].mlp.c_fc.weight.detach().t().contiguous().t())
+    with torch.no_grad():
+        expected = model(IDS).last_hidden_state
+    plain = {n: p.detach().clone() for n, p in model.named_parameters()}
+    wrap(model, payload)
+    with torch.no_grad():
+        if payload != "fp8":
+            assert torch.equal(model(IDS).last_hidden_state, expected)
+        for name in ("h.0.attn.c_attn.weight", "h.0.mlp.c_fc.weight"):
+            w, ref = model.get_parameter(name), plain[name]
+            value = w.materialize()
+            assert w.t().contiguous().is_contiguous() and w.contiguous().is_contiguous()
+            assert torch.equal(w.t().reshape(-1), value.t().reshape(-1))
+            assert torch.equal(w.t().flatten(), value.t().flatten()) and torch.equal(w.reshape(-1), value.reshape(-1))
+            if payload != "fp8":
+                assert torch.equal(value, ref)
+
+
+@pytest.mark.parametrize("payload", list(PAYLOADS))
+@pytest.mark.parametrize("where", ["built", "wrapped", "unwrapped"])
+def test_inference_mode_where_diffusers_tests_use_it(payload, where):
+    """Built under inference_mode (as diffusers' tests build models), or wrapped, or unwrapped
+    there: the model runs, loads a state dict and unwraps outside it as the same plain model
+    would (a model built under inference_mode is not writable outside it, wrapped or not)."""
+    if where == "built":
+        with torch.inference_mode():
+            model = FLUX.make()
+        wrap(model, payload)
+    else:
+        model = FLUX.make()
+        with torch.inference_mode():
+            wrap(model, payload)
+    plain = FLUX.make()
+    with torch.no_grad():
+        if payload != "fp8":
+            assert torch.equal(output(model(**FLUX.inputs(0))), output(plain(**FLUX.inputs(0))))
+    if where != "built":  # writable, as before wrapping
+        state = {k: v * 0.5 for k, v in plain.state_dict().items()}
+        model.load_state_dict(state)
+        plain.load_state_dict(state)
+        with torch.no_grad():
+            if payload != "fp8":
+                assert torch.equal(output(model(**FLUX.inputs(1))), output(plain(**FLUX.inputs(1))))
+    if where == "unwrapped":
+        with torch.inference_mode():
+            unwrap_model(model)
+    else:
+        unwrap_model(model)
+    assert all(type(p) is nn.Parameter and p.is_inference() == (where == "built") for p in model.parameters())
+    if where != "built":
+        model.load_state_dict(plain.state_dict())  # a normal model again
+    with torch.no_grad():
+        model(**FLUX.inputs(2))
+
+
+@pytest.mark.parametrize("storage_dtype", [None, torch.float8_e4m3fn], ids=["plain", "fp8"])
+def test_torch_export_of_an_llm_with_offloaded_weights(storage_dtype):
+    engine = RecordingEngine()
+    model = wrap_model_for_offload(tiny_llama(), engine=engine, storage_dtype=storage_dtype)
+    with torch.no_grad():
+        expected = model(IDS).logits
+    program = torch.export.export(model, (IDS,))
+    # the weights stay offloaded: parameters of the program, none baked in as a constant
+    shapes = {p.shape for p in model.parameters()}
+    assert not [c for c in program.constants.values() if isinstance(c, torch.Tensor) and c.shape in shapes]
+    engine.keys.clear()
+    result = program.module()(IDS)
+    assert torch.equal(result.logits if hasattr(result, "logits") else result[0], expected)
+    assert set(engine.keys) == {int(p._key) for p in model.parameters()}  # each fetched at run time
+
+
+@pytest.mark.parametrize("payload", list(PAYLOADS))
+def test_reading_values_on_the_host(payload):
+    model = wrap(nn.Linear(3, 4), payload)
+    w = model.weight
+    value = w.materialize()
+    assert torch.equal(torch.tensor(w.tolist()), value) and torch.equal(torch.tensor(w.detach().tolist()), value)
+    assert np.array_equal(w.detach().numpy(), value.numpy()) and np.array_equal(np.asarray(w), value.numpy())
+    assert torch.equal(w.cpu(), value) and float(w[1, 2]) == value[1, 2].item()
+    assert torch.equal(torch.tensor(w[0].tolist()), value[0])
+
+
+@pytest.mark.parametrize("payload", list(PAYLOADS))
+def test_jit_trace_is_a_clear_error_and_unwrap_makes_it_work(payload):
+    model = wrap(nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.LayerNorm(4)), payload)
+    x = torch.randn(2, 4)
+    with pytest.raises(RefusedOpError, match="torch.jit.trace cannot trace offloaded weights"):
+        torch.jit.trace(model, x)
+    traced = torch.jit.trace(unwrap_model(model), x)
+    assert torch.equal(traced(x), model(x))
