@@ -231,6 +231,13 @@ def subclass_kind(weight: torch.Tensor) -> Subclass:
     return kind
 
 
+def stored_bytes(weight: torch.Tensor, kind: PayloadKind) -> int:
+    """Bytes `weight` takes stored as `kind` (works on meta tensors: plans are made before loading)."""
+    if isinstance(kind, Float8):
+        return weight.numel() + (weight.shape[0] if kind.per_channel and weight.ndim else 1) * 4
+    return sum(t.numel() * t.element_size() for t in leaves(weight))
+
+
 def leaves(t: torch.Tensor) -> list[torch.Tensor]:
     """The plain tensors holding `t`'s data: `t` itself, or a subclass's inner tensors, recursively."""
     if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):

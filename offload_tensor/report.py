@@ -22,29 +22,44 @@ def format_bytes(n: int) -> str:
 class OffloadReport:
     """Bytes of a wrapped model's weights and buffers.
 
-    `by_device`: bytes held on each device (payloads where they live, buffers).
-    `by_kind`: payload bytes per payload kind ("plain", "fp8"), buffers under "buffer".
-    `resident_bytes`: on the compute device; `offloaded_bytes`: elsewhere, fetched on use.
+    `by_tier`: weight bytes where they live: "gpu", "ram" or "disk".
+    `by_kind`: weight bytes per payload kind ("plain", "fp8", "torchao", ...), buffers under
+    "buffer", weights added after wrapping (adapters) under "unwrapped".
+    `resident_bytes`: used where the model computes (no fetch), buffers included;
+    `offloaded_bytes`: fetched to the compute device on use.
+    `pinned_bytes`: page-locked host memory the engine holds.
+    `streamed_per_step`: bytes one forward moves (each streamed group once).
+    `by_device`: bytes held on each device (disk-tier payloads under "disk").
     """
 
     compute_device: str
-    by_device: dict[str, int]
+    by_tier: dict[str, int]
     by_kind: dict[str, int]
     resident_bytes: int
     offloaded_bytes: int
+    pinned_bytes: int
+    streamed_per_step: int
+    by_device: dict[str, int]
 
     @property
     def summary(self) -> str:
         state = "partially" if self.offloaded_bytes else "completely"
+        tiers = ", ".join(f"{t} {format_bytes(b)}" for t, b in sorted(self.by_tier.items()) if b)
         return (
             f"loaded {state}: {format_bytes(self.resident_bytes)} resident on {self.compute_device}, "
-            f"{format_bytes(self.offloaded_bytes)} offloaded"
+            f"{format_bytes(self.offloaded_bytes)} offloaded" + (f" (weights: {tiers})" if tiers else "")
         )
 
     def __str__(self) -> str:
         devices = ", ".join(f"{d} {format_bytes(b)}" for d, b in sorted(self.by_device.items()))
         kinds = ", ".join(f"{k} {format_bytes(b)}" for k, b in sorted(self.by_kind.items()))
-        return f"{self.summary}\n  by device: {devices}\n  by kind: {kinds}"
+        lines = [self.summary, f"  by device: {devices}", f"  by kind: {kinds}"]
+        if self.offloaded_bytes:
+            lines.append(
+                f"  streamed per step: {format_bytes(self.streamed_per_step)}, pinned host memory: "
+                f"{format_bytes(self.pinned_bytes)}"
+            )
+        return "\n".join(lines)
 
 
 def offload_report(model: nn.Module) -> OffloadReport:
@@ -52,22 +67,44 @@ def offload_report(model: nn.Module) -> OffloadReport:
 
     Example:
         >>> print(offload_report(wrap_model_for_offload(model)).summary)
-        loaded partially: 12.0 KB resident on cuda:0, 45.8 MB offloaded
+        loaded partially: 12.0 KB resident on cuda:0, 45.8 MB offloaded (weights: ram 45.8 MB)
     """
     state = offload_state(model, "offload_report")
-    by_device: Counter[str] = Counter()
+    compute = str(state.compute_device)
+    resident_tier = state.plan.placement.resident_tier
+    by_tier: Counter[str] = Counter()
     by_kind: Counter[str] = Counter()
+    by_device: Counter[str] = Counter()
+    offloaded = resident = 0
     for param in model.parameters():  # unique, so tied weights count once
         if isinstance(param, OffloadedTensor):
-            for t in param._inner:
-                by_device[str(t.device)] += t.numel() * t.element_size()
-            by_kind[param._kind.name] += param.payload_bytes
+            nbytes = param.payload_bytes
+            tier = state.tier_of_key.get(int(param._key), resident_tier) if param._key is not None else resident_tier
+            by_tier[tier] += nbytes
+            by_kind[param._kind.name] += nbytes
+            by_device["disk" if tier == "disk" else str(param._inner[0].device)] += nbytes
+            if param._key is not None:
+                offloaded += nbytes
+            else:
+                resident += nbytes
         else:
-            by_device[str(param.device)] += param.numel() * param.element_size()
-            by_kind["unwrapped"] += param.numel() * param.element_size()
+            nbytes = param.numel() * param.element_size()
+            by_kind["unwrapped"] += nbytes
+            by_device[str(param.device)] += nbytes
+            resident += nbytes if str(param.device) == compute else 0
     for buf in model.buffers():
-        by_device[str(buf.device)] += buf.numel() * buf.element_size()
-        by_kind["buffer"] += buf.numel() * buf.element_size()
-    compute = str(state.compute_device)
-    resident = by_device.get(compute, 0)
-    return OffloadReport(compute, dict(by_device), dict(by_kind), resident, sum(by_device.values()) - resident)
+        nbytes = buf.numel() * buf.element_size()
+        by_device[str(buf.device)] += nbytes
+        by_kind["buffer"] += nbytes
+        resident += nbytes
+    backend = getattr(state.engine, "backend", None)
+    return OffloadReport(
+        compute_device=compute,
+        by_tier=dict(by_tier),
+        by_kind=dict(by_kind),
+        resident_bytes=resident,
+        offloaded_bytes=offloaded,
+        pinned_bytes=getattr(backend, "pinned_bytes", 0),
+        streamed_per_step=state.plan.streamed_bytes,
+        by_device=dict(by_device),
+    )

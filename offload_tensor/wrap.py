@@ -1,8 +1,15 @@
-"""wrap_model_for_offload / unwrap_model: validate everything first, then mutate.
+"""wrap_model_for_offload / unwrap_model: validate -> plan -> build -> install.
 
-Invariant: a model is either untouched or completely wrapped. Every check (arguments, hooks of
-other offloaders, meta or unsupported weights) runs before the first change, and the new
-parameters are all built before any is assigned, so an error leaves nothing half-wrapped.
+- validate: the arguments become frozen policies (offload_tensor.policy); the model is checked
+  (integrations, weights, a checkpoint's keys, shapes and dtypes). Nothing has changed yet.
+- plan: every group, its bytes and its tier (offload_tensor.plan); shapes and dtypes only.
+- build: payloads group by group into their tier (offload_tensor.build), holding at most one
+  group twice; the engine receives the streamed groups.
+- install: one loop assigns the new parameters and records everything it changes in the
+  model's `OffloadState`, which unwrap_model undoes, in one loop.
+
+Invariant: a model is either untouched (a failure while building leaves every weight a plain
+Parameter with its value) or completely wrapped.
 """
 
 from __future__ import annotations
@@ -11,7 +18,6 @@ import functools
 import logging
 import os
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -19,68 +25,58 @@ from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from offload_tensor import integrations, ops
+from offload_tensor.build import CheckpointSource, ModelSource, build
+from offload_tensor.checkpoint import CheckpointError, checkpoint_files, index
 from offload_tensor.engine import Engine, SynchronousEngine
-from offload_tensor.payloads import FLOAT8_DTYPES, SUPPORTED, kind_for, leaves, subclass_kind
+from offload_tensor.payloads import SUPPORTED, leaves, subclass_kind
+from offload_tensor.plan import Plan, make_plan, named_parameter_slots, unique_weights
+from offload_tensor.policy import Placement, Storage, Streaming, placement
 from offload_tensor.tensor import OffloadedTensor, RefusedOpError
 
 log = logging.getLogger("offload_tensor")
+
+__all__ = ["OffloadState", "is_wrapped", "named_parameter_slots", "offload_state", "unwrap_model", "wrap_model_for_offload"]
+
 
 @dataclass
 class OffloadState:
     """What wrapping changed, kept on the root module so unwrap_model can undo exactly that."""
 
-    compute_device: torch.device
+    plan: Plan
     engine: Engine
-    # qualified name of each parameter's first slot -> (device, requires_grad) before wrapping;
-    # by name, not id, so that a deep copy of the model can be unwrapped too
-    originals: dict[str, tuple[torch.device, bool, bool]]  # (device, requires_grad, is_inference)
-    # (module, buffer name) -> device before wrapping
-    buffer_devices: dict[tuple[nn.Module, str], torch.device]
+    # qualified name of each weight's first slot -> (device, requires_grad, is_inference) before
+    # wrapping; by name, not id, so that a deep copy of the model can be unwrapped too
+    originals: dict[str, tuple[torch.device, bool, bool]]
+    buffer_devices: dict[tuple[nn.Module, str], torch.device]  # (module, buffer name) -> device before
+    tier_of_key: dict[int, str] = field(default_factory=dict)  # where each streamed weight lives
     hook_handles: list = field(default_factory=list)
-    undo: list = field(default_factory=list)  # what the integrations installed, undone by unwrap
+    undo: list = field(default_factory=list)  # what the integrations installed
 
-
-def named_parameter_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
-    """Every place a parameter is held: (qualified name, owning module, attribute, parameter).
-    Tied parameters appear once per place."""
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        for name, param in module._parameters.items():
-            if param is not None:
-                yield (f"{module_name}.{name}" if module_name else name), module, name, param
-
-
-def weight_groups(model: nn.Module, weights: list[torch.Tensor], granularity: str) -> list[list[int]]:
-    """Indices into `weights`, grouped: one group per repeated block (granularity="block"), and
-    one per module for the weights of modules outside blocks (or for all, granularity="leaf")."""
-    block_names = integrations.block_names(model)
-    index = {id(w): i for i, w in enumerate(weights)}
-    groups: list[list[int]] = []
-    placed: set[int] = set()
-
-    def take(params) -> list[int]:
-        found = [index[id(p)] for p in params if id(p) in index and index[id(p)] not in placed]
-        placed.update(found)
-        return found
-
-    for module in model.modules():
-        if granularity == "block" and type(module).__name__ in block_names:
-            group = take(module.parameters())
-        else:
-            group = take(p for p in module._parameters.values() if p is not None)
-        if group:
-            groups.append(group)
-    return groups
+    @property
+    def compute_device(self) -> torch.device:
+        return self.plan.device
 
 
 def is_wrapped(model: nn.Module) -> bool:
     return isinstance(model.__dict__.get("_offload_state"), OffloadState)
 
 
+def offload_state(model: nn.Module, caller: str) -> OffloadState:
+    if not is_wrapped(model):
+        raise ValueError(
+            f"{caller}: {type(model).__name__} is not wrapped by offload_tensor (never wrapped, or already "
+            "unwrapped); call wrap_model_for_offload(model) first."
+        )
+    return model.__dict__["_offload_state"]
+
+
 def wrap_model_for_offload(
     model: nn.Module,
     *,
     device: str | torch.device | None = None,
-    offload: str | torch.device = "cpu",
+    offload: str | os.PathLike = "cpu",
+    disk_path: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
     storage_dtype: torch.dtype | None = None,
     fp8_scale: str = "channel",
     prefetch: int = 1,
@@ -92,45 +88,40 @@ def wrap_model_for_offload(
 
     Args:
         device: the compute device; `None` means CUDA when available, else the CPU (logged once).
-        offload: where the weights live between uses ("cpu").
+        offload: where the weights live between uses: "cpu" (host RAM) or "disk" (files under
+            `disk_path`; a folder path here means the same).
+        disk_path: the disk tier's folder (created if missing). Each group is written once to a
+            safetensors file of its own; files written from a checkpoint are reused on the next
+            wrap, after checking them.
+        checkpoint: load the weights of a model built on the `meta` device (accelerate's
+            `init_empty_weights`, or `from_config` under it) from safetensors: a file, or a
+            folder of shards with their `*.index.json` (diffusers' `transformer/` folder layout).
+            Read straight into host memory (or the disk tier); every key, shape and dtype is
+            checked before anything is read.
         storage_dtype: `torch.float8_e4m3fn` or `torch.float8_e5m2` stores matrices and conv
-            kernels in fp8 with a float32 scale, dequantized on fetch; biases, norms and other 1-d
-            weights keep their dtype. The exposed dtype stays the compute dtype.
+            kernels in fp8 with a float32 scale, dequantized on fetch; biases, norms and other
+            1-d weights keep their dtype. The exposed dtype stays the compute dtype.
         fp8_scale: "channel" (one scale per output channel) or "tensor" (one per weight).
-        prefetch: how many groups the streaming engine fetches ahead (0: none).
-        pin_memory: keep host payloads in pinned memory for the streaming engine's asynchronous
-            copies; the synchronous engine copies from pageable memory either way.
-        granularity: "block" (the model's repeated blocks, from diffusers' `_repeated_blocks` or
-            transformers' `_no_split_modules`, move as one copy each; other weights by module) or
-            "leaf" (each module's own weights move together). Used by engines that group.
-        engine: who serves fetches. By default the synchronous engine, and no fetch at all when
-            the offload device is the compute device (zero-copy). An explicit engine serves every
-            fetch, even on the same device (tests, tracing); one with `prepare` (the streaming
-            engine) receives the weights grouped and keeps them in one host arena per group.
+        prefetch, pin_memory, granularity: how streamed weights move, used by the streaming
+            engine only (weights streamed to CUDA, or from the disk tier): `prefetch` groups are
+            fetched ahead; host arenas are pinned once at exact size; groups are the model's
+            repeated blocks ("block") or each module's own weights ("leaf"). Computing on the CPU
+            from RAM nothing moves and they do not apply.
+        engine: who serves fetches. By default the streaming engine where weights move (CUDA, or
+            the disk tier), and none when they are used where they live (zero-copy). An explicit
+            engine serves every fetch, even on the same device (tests, tracing).
 
     Example:
         >>> model = wrap_model_for_offload(model, device="cuda", storage_dtype=torch.float8_e4m3fn)
         >>> model.compile_repeated_blocks(fullgraph=True)
         >>> print(offload_report(model))
     """
-    # -- validate: nothing below this block may fail after the first mutation ---------------
+    # -- validate: nothing may change before this is done ---------------------------------------
     if not isinstance(model, nn.Module):
         raise TypeError(f"wrap_model_for_offload expects an nn.Module, got {type(model).__name__}.")
-    compute_device = _compute_device(device)
-    offload_device = _offload_device(offload)
-    if storage_dtype is not None and storage_dtype not in FLOAT8_DTYPES:
-        raise ValueError(
-            f"storage_dtype={storage_dtype} is not supported; use torch.float8_e4m3fn, torch.float8_e5m2 "
-            "or None (keep the weights' own dtype)."
-        )
-    if fp8_scale not in ("channel", "tensor"):
-        raise ValueError(f"fp8_scale={fp8_scale!r} is not supported; use 'channel' or 'tensor'.")
-    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
-        raise ValueError(f"prefetch={prefetch!r} must be an int >= 0 (the number of groups fetched ahead).")
-    if not isinstance(pin_memory, bool):
-        raise ValueError(f"pin_memory={pin_memory!r} must be True or False.")
-    if granularity not in ("block", "leaf"):
-        raise ValueError(f"granularity={granularity!r} is not supported; use 'block' or 'leaf'.")
+    storage = Storage(storage_dtype, fp8_scale)
+    streaming = Streaming(prefetch, pin_memory, granularity)
+    where = placement(device, offload, disk_path)
     if is_wrapped(model):
         raise ValueError(
             f"{type(model).__name__} is already wrapped by offload_tensor; call unwrap_model(model) before "
@@ -138,67 +129,52 @@ def wrap_model_for_offload(
         )
     integrations.check(model)
     slots = list(named_parameter_slots(model))
+    weights = unique_weights(model)
+    source, loaded_buffers = _source(model, slots, weights, checkpoint)
     for qualname, _, _, param in slots:
-        _check_parameter(qualname, param)
+        _check_parameter(qualname, param, from_checkpoint=checkpoint is not None)
 
-    # -- build: new parameters and buffer copies, nothing assigned yet ---------------------
-    # Built as normal tensors even under torch.inference_mode(): the model must stay writable
-    # (load_state_dict) outside it, as it was.
-    with torch.inference_mode(False):
-        fetches = engine is not None or offload_device != compute_device
-        if engine is None:
-            engine = _default_engine(compute_device, offload_device, pin_memory)
-        per_channel = fp8_scale == "channel"
-        unique = list({id(param): param for _, _, _, param in slots}.values())  # tied weights once
-        kinds = [kind_for(param, storage_dtype, per_channel) for param in unique]
-        payloads = [tuple(t.to(offload_device) for t in k.encode(p.detach())) for k, p in zip(kinds, unique)]
-        keys = [ops.new_key() if fetches else None for _ in unique]
-        if hasattr(engine, "prepare"):
-            groups = weight_groups(model, unique, granularity)
-            grouped = engine.prepare(
-                [[payloads[i] for i in group] for group in groups],
-                prefetch,
-                [[int(keys[i]) for i in group] for group in groups],
+    # -- plan and build -------------------------------------------------------------------------
+    plan = make_plan(model, storage, streaming, where, always_fetch=engine is not None)
+    if engine is None:
+        engine = _default_engine(where, plan)
+    streams_stores = hasattr(engine, "prepare")
+    with torch.inference_mode(False):  # normal tensors even under inference_mode: writable outside it
+        built = build(model, plan, weights, source, streams_stores)
+        keys = {n: ops.new_key() for g in plan.groups if g.streamed for n in g.weights}
+        if streams_stores:
+            engine.prepare(built.stores, streaming.prefetch, [[int(keys[n]) for n in names] for names in built.store_weights])
+        wrapped = {
+            name: nn.Parameter(
+                OffloadedTensor(built.payloads[name], built.kinds[name], w.dtype, where.device, keys.get(name)),
+                requires_grad=False,
             )
-            for group, group_payloads in zip(groups, grouped):
-                for i, payload in zip(group, group_payloads):
-                    payloads[i] = payload
-        wrapped: dict[int, nn.Parameter] = {}
-        for param, kind, inner, key in zip(unique, kinds, payloads, keys):
-            tensor = OffloadedTensor(inner, kind, param.dtype, compute_device, key)
-            wrapped[id(param)] = nn.Parameter(tensor, requires_grad=False)
-    first_name: dict[int, str] = {}
-    for qualname, _, _, param in slots:
-        first_name.setdefault(id(param), qualname)
-    originals = {first_name[id(p)]: (leaves(p)[0].device, p.requires_grad, p.is_inference()) for p in unique}
-    buffers = [
-        (module, name, buf, buf.to(compute_device))
-        for module in model.modules()
-        for name, buf in module._buffers.items()
-        if buf is not None
-    ]
+            for name, w in weights.items()
+        }
+        buffers = _buffers(model, where.device, loaded_buffers)
 
-    # -- mutate ------------------------------------------------------------------------------
+    # -- install: every change recorded in the state -------------------------------------------
     state = OffloadState(
-        compute_device=compute_device,
+        plan=plan,
         engine=engine,
-        originals=originals,
-        buffer_devices={(module, name): buf.device for module, name, buf, _ in buffers},
+        originals={n: (leaves(w)[0].device, w.requires_grad, w.is_inference()) for n, w in weights.items()},
+        buffer_devices={(module, name): before for module, name, before, _ in buffers},
+        tier_of_key={int(keys[n]): g.tier for g in plan.groups if g.streamed for n in g.weights},
     )
+    by_id = {id(w): wrapped[n] for n, w in weights.items()}
     for _, module, name, param in slots:
-        setattr(module, name, wrapped[id(param)])  # as modules expect (nn.RNN refreshes its weight list)
+        setattr(module, name, by_id[id(param)])  # as modules expect (nn.RNN refreshes its weight list)
     for module, name, _, moved in buffers:
         module._buffers[name] = moved
     dtypes = tuple({p.dtype for p in wrapped.values() if p.is_floating_point()} | {torch.float32})
     for module in model.modules():
         # An instance attribute shadows nn.Module._apply for .to()/.half()/.cuda() on this module.
-        module.__dict__["_apply"] = functools.partial(_guarded_apply, module, dtypes, compute_device)
+        module.__dict__["_apply"] = functools.partial(_guarded_apply, module, dtypes, where.device)
         module.__dict__[_WRAPPED_MODULE] = True
         if any(isinstance(p, OffloadedTensor) for p in module._parameters.values()):
             state.hook_handles.append(module.register_state_dict_post_hook(_plain_state_dict))
     state.undo = integrations.install(model)
-    if fetches:
-        ops.register_engine((int(p._key) for p in wrapped.values()), engine)
+    ops.register_engine((int(k) for k in keys.values()), engine)
     _install_assignment_hook()
     model.__dict__["_offload_state"] = state
     return model
@@ -208,7 +184,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """Give `model` plain `nn.Parameter`s back on their original devices, in place.
 
     Plain payloads come back bit-exact (the same storage when the device did not change); fp8
-    payloads come back dequantized, i.e. the values the model computed with.
+    payloads come back dequantized, i.e. the values the model computed with. Weights loaded from a
+    checkpoint into a meta model come back on the CPU.
 
     Example:
         >>> unwrap_model(wrap_model_for_offload(model)).state_dict()  # equal to the original
@@ -222,6 +199,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         # A weight moved to another module since wrapping has no recorded origin: it stays where
         # its payload is.
         device, requires_grad, inference = state.originals.get(qualname, (param._inner[0].device, False, False))
+        if device.type == "meta":
+            device = param._inner[0].device
         # A weight created under inference_mode (diffusers' tests build models so) comes back as one.
         with torch.inference_mode(inference):
             value = param.payload_value().to(device)
@@ -241,7 +220,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if isinstance(module, nn.RNNBase):
             module.flatten_parameters()  # plain weights again: one chunk for cuDNN, as before wrapping
     for (module, name), device in state.buffer_devices.items():
-        if module._buffers.get(name) is not None:
+        if module._buffers.get(name) is not None and device.type != "meta":
             module._buffers[name] = module._buffers[name].to(device)
     for handle in state.hook_handles:
         handle.remove()
@@ -253,82 +232,113 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _default_engine(compute_device: torch.device, offload_device: torch.device, pin_memory: bool) -> Engine:
-    """Streaming from pinned host memory when computing on CUDA; nothing to move otherwise."""
-    if compute_device.type == "cuda" and offload_device.type == "cpu":
-        from offload_tensor.engine.cuda import CudaBackend
-        from offload_tensor.engine.streaming import StreamingEngine
+def _default_engine(where: Placement, plan: Plan) -> Engine:
+    """The streaming engine where weights move (to CUDA, or from disk); nothing to move otherwise."""
+    if not plan.streamed_bytes:
+        return SynchronousEngine()
+    from offload_tensor.engine.streaming import StreamingEngine
 
-        return StreamingEngine(CudaBackend(compute_device, pin_memory=pin_memory))
+    if where.offload == "disk":
+        from offload_tensor.engine.disk import DiskBackend, DiskCudaBackend
+
+        if where.device.type == "cuda":
+            return StreamingEngine(DiskCudaBackend(where.device, pin_memory=plan.streaming.pin_memory))
+        return StreamingEngine(DiskBackend())
+    if where.device.type == "cuda":
+        from offload_tensor.engine.cuda import CudaBackend
+
+        return StreamingEngine(CudaBackend(where.device, pin_memory=plan.streaming.pin_memory))
     return SynchronousEngine()
 
 
-def offload_state(model: nn.Module, caller: str) -> OffloadState:
-    if not is_wrapped(model):
-        raise ValueError(
-            f"{caller}: {type(model).__name__} is not wrapped by offload_tensor (never wrapped, or already "
-            "unwrapped); call wrap_model_for_offload(model) first."
-        )
-    return model.__dict__["_offload_state"]
+def _source(model, slots, weights, checkpoint):
+    """Where the values come from: the model itself, or a checkpoint matched against it (every
+    weight found once, no key left over, shapes and dtypes equal); and the buffers it loads."""
+    if checkpoint is None:
+        return ModelSource(weights), {}
+    stored = index(checkpoint)
+    aliases: dict[int, list[str]] = {}
+    for qualname, _, _, param in slots:
+        aliases.setdefault(id(param), []).append(qualname)
+    found, problems = {}, []
+    for name, w in weights.items():
+        present = [a for a in aliases[id(w)] if a in stored]
+        if not present:
+            problems.append(f"missing key {name}")
+            continue
+        s = stored[present[0]]
+        if tuple(s.shape) != tuple(w.shape) or s.dtype != w.dtype:
+            problems.append(f"{present[0]}: the checkpoint has {tuple(s.shape)} {s.dtype}, the model {tuple(w.shape)} {w.dtype}")
+        found[name] = s
+    persistent = {
+        (f"{m_name}.{b_name}" if m_name else b_name): (module, b_name)
+        for m_name, module in model.named_modules()
+        for b_name, buf in module._buffers.items()
+        if buf is not None and b_name not in module._non_persistent_buffers_set
+    }
+    all_buffers = {f"{m}.{b}" if m else b for m, module in model.named_modules() for b in module._buffers}
+    known = {a for names in aliases.values() for a in names} | all_buffers  # old checkpoints hold non-persistent buffers
+    problems += [f"unexpected key {k}" for k in sorted(stored.keys() - known)]
+    loaded_buffers = {}
+    for key, (module, b_name) in persistent.items():
+        buf = module._buffers[b_name]
+        if key in stored:
+            loaded_buffers[(module, b_name)] = stored[key]
+        elif buf.is_meta:
+            problems.append(f"missing key {key} (a buffer on the meta device)")
+    for module in model.modules():
+        for b_name in module._non_persistent_buffers_set:
+            if module._buffers.get(b_name) is not None and module._buffers[b_name].is_meta:
+                problems.append(
+                    f"{type(module).__name__}.{b_name} is a non-persistent buffer on the meta device, which no checkpoint "
+                    "holds; build the model under accelerate.init_empty_weights() (it keeps buffers real)"
+                )
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(f"checkpoint {os.fspath(checkpoint)!r} does not fit {type(model).__name__}: {shown}.")
+    return CheckpointSource(found, checkpoint_files(checkpoint)), loaded_buffers
 
 
-_announced_cpu = False
+def _buffers(model: nn.Module, device: torch.device, loaded: dict) -> list[tuple[nn.Module, str, torch.device, torch.Tensor]]:
+    """(module, name, device before, buffer on the compute device) for every buffer; buffers a
+    checkpoint holds are read from it."""
+    from offload_tensor.checkpoint import read_into
+
+    moved = []
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is None:
+                continue
+            if (module, name) in loaded:
+                stored = loaded[(module, name)]
+                value = torch.empty(stored.shape, dtype=stored.dtype)
+                read_into(stored, value)
+            else:
+                value = buf
+            moved.append((module, name, buf.device, value.to(device)))
+    return moved
 
 
-def _compute_device(device: str | torch.device | None) -> torch.device:
-    global _announced_cpu
-    if device is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        if not _announced_cpu:
-            _announced_cpu = True
-            log.info("offload_tensor: CUDA is not available; computing on the CPU (pass device= to choose).")
-        return torch.device("cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a device; use 'cuda', 'cuda:N' or 'cpu'.") from e
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} asks for CUDA, which is not available here; use device='cpu' or None.")
-        return torch.device("cuda", torch.cuda.current_device() if resolved.index is None else resolved.index)
-    if resolved.type != "cpu":
-        raise ValueError(f"device={device!r}: offload_tensor computes on 'cuda' or 'cpu'.")
-    return resolved
-
-
-def _offload_device(offload: str | torch.device) -> torch.device:
-    if isinstance(offload, torch.device):
-        resolved = offload
-    elif isinstance(offload, (str, os.PathLike)) and (os.sep in os.fspath(offload) or os.path.isdir(offload)):
-        raise ValueError(
-            f"offload={os.fspath(offload)!r} names a folder: the disk tier comes with the streaming engine and "
-            "is not available yet; use offload='cpu'."
-        )
-    else:
-        try:
-            resolved = torch.device(offload)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"offload={offload!r} is not understood; use offload='cpu'.") from e
-    if resolved.type != "cpu":
-        raise ValueError(f"offload={offload!r}: weights are offloaded to 'cpu' (the host); got {resolved}.")
-    return torch.device("cpu")
-
-
-def _check_parameter(qualname: str, param: torch.Tensor) -> None:
+def _check_parameter(qualname: str, param: torch.Tensor, from_checkpoint: bool) -> None:
     if isinstance(param, OffloadedTensor):
         raise ValueError(
             f"{qualname} is already an OffloadedTensor (this module is part of a wrapped model); wrap a model "
             "once, from its root, or unwrap_model the outer model first."
         )
-    if any(t.is_meta for t in leaves(param)):  # a quantized wrapper may be on meta with real data
+    if not from_checkpoint and any(t.is_meta for t in leaves(param)):  # a quantized wrapper may be on meta with real data
         raise ValueError(
             f"{qualname} is on the meta device (the model was created without weights, e.g. under "
-            "init_empty_weights or low_cpu_mem_usage); load its weights before wrap_model_for_offload."
+            "init_empty_weights or low_cpu_mem_usage); load its weights before wrap_model_for_offload, or pass "
+            "checkpoint= to load them while wrapping."
         )
     if type(param) is nn.Parameter and type(param.data) is torch.Tensor:
         return
     if type(param) is not nn.Parameter and is_traceable_wrapper_subclass(param):
+        if from_checkpoint:
+            raise CheckpointError(
+                f"{qualname} is a {type(param).__name__}: checkpoint= loads plain weights (stored as they are or in fp8); "
+                "load a quantized model with its library's from_pretrained, then wrap it."
+            )
         try:
             subclass_kind(param)
             return

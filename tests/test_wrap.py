@@ -104,9 +104,9 @@ def test_report_counts_every_payload_byte_once():
 def test_no_cuda_says_so_once(caplog):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    import offload_tensor.wrap as wrap
+    import offload_tensor.policy as policy
 
-    wrap._announced_cpu = False
+    policy._announced_cpu = False
     with caplog.at_level(logging.INFO, logger="offload_tensor"):
         wrap_model_for_offload(nn.Linear(2, 2))
         wrap_model_for_offload(nn.Linear(2, 2))
@@ -122,7 +122,8 @@ BAD_ARGUMENTS = [
     (dict(prefetch=1.5), ValueError, "prefetch"),
     (dict(pin_memory="yes"), ValueError, "pin_memory"),
     (dict(granularity="layer"), ValueError, "granularity"),
-    (dict(offload="/tmp/weights"), ValueError, "disk tier"),
+    (dict(offload="disk"), ValueError, "disk_path"),
+    (dict(disk_path="/tmp/weights"), ValueError, "offload=.disk."),
     (dict(offload="mps"), ValueError, "offload"),
     (dict(device="tpu"), ValueError, "device"),
 ]

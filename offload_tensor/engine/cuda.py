@@ -47,10 +47,12 @@ class CudaBackend:
         return sum(t.numel() for t in self.pinned)
 
     def prepare(self, arenas: Sequence[Arena], keys: Sequence[Sequence[Hashable]], slots: int) -> None:
+        """`arenas`: host arenas, or any groups with `nbytes` and `placements` whose bytes arrive
+        through `copy_from` (the disk tier's staging buffers)."""
         self.arenas = list(arenas)
         self.key_index = {key: (g, i) for g, group_keys in enumerate(keys) for i, key in enumerate(group_keys)}
         if self.pin_memory:
-            self._pin(self.arenas)
+            self._pin([a for a in self.arenas if isinstance(a, Arena)])
         largest = max((a.nbytes for a in self.arenas), default=0)
         self.slot_buffers = [torch.empty(largest, dtype=torch.uint8, device=self.device) for _ in range(slots)]
         self.readers = [set() for _ in range(slots)]
@@ -91,12 +93,15 @@ class CudaBackend:
 
     def copy(self, group: int, slot: int, wait_for: list[torch.cuda.Event] | None) -> torch.cuda.Event:
         self._check_not_capturing()
-        arena = self.arenas[group]
+        return self.copy_from(self.arenas[group].buffer, slot, wait_for)
+
+    def copy_from(self, host: torch.Tensor, slot: int, wait_for: list[torch.cuda.Event] | None) -> torch.cuda.Event:
+        """Copy `host` (bytes) into device `slot` on the copy stream once `wait_for` completed."""
         ready = torch.cuda.Event()
         with torch.cuda.stream(self.copy_stream):
             for event in wait_for or ():
                 self.copy_stream.wait_event(event)
-            self.slot_buffers[slot][: arena.nbytes].copy_(arena.buffer, non_blocking=True)
+            self.slot_buffers[slot][: host.numel()].copy_(host, non_blocking=True)
             ready.record(self.copy_stream)
         return ready
 

@@ -2,8 +2,8 @@
 group, so a group moves to the device in one copy.
 
 Invariant: the arena's bytes are the payload bytes plus at most `ALIGN - 1` bytes of padding per
-tensor; payload tensors are views into it (their address is the engine's key). Nothing is pinned
-per tensor (the caching host allocator would round each up to a power of two).
+tensor; payload tensors are views into it. Nothing is pinned per tensor (the caching host
+allocator would round each up to a power of two).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ ALIGN = 16  # bytes; enough for every dtype's alignment
 
 @dataclass(frozen=True)
 class Placement:
-    offset: int  # bytes into the arena
+    offset: int  # bytes into the arena (or the group's byte range on disk)
     shape: torch.Size
     stride: tuple[int, ...]
     dtype: torch.dtype
@@ -36,6 +36,22 @@ def _span(shape, stride) -> int:
     return 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
 
 
+def layout(specs: Sequence[Sequence[tuple[torch.Size, tuple[int, ...], torch.dtype]]]) -> tuple[list[list[Placement]], int]:
+    """Placements of tensors (shape, stride, dtype), one list per weight, packed with alignment;
+    and the bytes they take."""
+    placements: list[list[Placement]] = []
+    offset = 0
+    for weight in specs:
+        placed = []
+        for shape, stride, dtype in weight:
+            offset = -(-offset // ALIGN) * ALIGN
+            placement = Placement(offset, torch.Size(shape), tuple(stride), dtype)
+            placed.append(placement)
+            offset += placement.nbytes
+        placements.append(placed)
+    return placements, offset
+
+
 @dataclass
 class Arena:
     """One group's payload tensors in one buffer; `placements[i][j]` is tensor j of weight i."""
@@ -51,20 +67,15 @@ class Arena:
         return [tuple(p.view(self.buffer) for p in weight) for weight in self.placements]
 
 
+def allocate_arena(specs: Sequence[Sequence[tuple[torch.Size, tuple[int, ...], torch.dtype]]]) -> Arena:
+    """An arena for tensors of these (shape, stride, dtype), one list per weight; not filled."""
+    placements, nbytes = layout(specs)
+    return Arena(torch.empty(nbytes, dtype=torch.uint8), placements)
+
+
 def build_arena(payloads: Sequence[Sequence[torch.Tensor]]) -> Arena:
     """Copy `payloads` (one tuple of inner tensors per weight) into one exact-size buffer."""
-    placements: list[list[Placement]] = []
-    offset = 0
-    for inner in payloads:
-        weight = []
-        for t in inner:
-            offset = -(-offset // ALIGN) * ALIGN
-            placement = Placement(offset, t.shape, t.stride(), t.dtype)
-            weight.append(placement)
-            offset += placement.nbytes
-        placements.append(weight)
-    buffer = torch.empty(offset, dtype=torch.uint8)
-    arena = Arena(buffer, placements)
+    arena = allocate_arena([[(t.shape, t.stride(), t.dtype) for t in inner] for inner in payloads])
     for inner, views in zip(payloads, arena.payloads()):
         for src, dst in zip(inner, views):
             dst.copy_(src)

@@ -1,9 +1,9 @@
 """The streaming engine: host arenas per group, a scheduler, and a backend that moves bytes.
 
-`prepare` is called by wrap_model_for_offload with the encoded payloads grouped (a block, or a
-leaf module's weights); it moves them into one arena per group and returns the arena views that
-become the weights' payloads. `fetch` then serves a weight from the group's device slot, copied
-ahead of use in the learnt execution order.
+`prepare` is called by wrap_model_for_offload with one store per streamed group (a block, or a
+leaf module's weights): a host arena, or a disk-tier group file. `fetch` then serves a weight
+from the group's device slot (or, computing on the CPU from disk, the group's staged read),
+copied ahead of use in the learnt execution order.
 
 Threads: fetches and invalidations are serialized by one lock, so two threads running the same
 model get correct weights (each read waits for its slot's copy; a slot is reused only after
@@ -22,36 +22,30 @@ import warnings
 from collections.abc import Hashable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from offload_tensor.engine.host_store import Arena, build_arena
+from offload_tensor.engine.disk import DiskGroup
+from offload_tensor.engine.host_store import Arena
 from offload_tensor.engine.scheduler import Backend, Scheduler
-
-PROGRESS_BYTES = 1 << 30  # show a progress bar when preparing more than this
 
 
 class StreamingEngine:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.scheduler: Scheduler | None = None
-        self.arenas: list[Arena] = []
+        self.stores: list[Arena | DiskGroup] = []
         self._lock = threading.Lock()
         self._thread: int | None = None  # the thread of the last fetch
         self._warned_threads = False
 
-    def prepare(
-        self, groups: Sequence[Sequence[tuple[torch.Tensor, ...]]], prefetch: int, keys: Sequence[Sequence[int]]
-    ) -> list[list[tuple[torch.Tensor, ...]]]:
+    def prepare(self, stores: Sequence[Arena | DiskGroup], prefetch: int, keys: Sequence[Sequence[int]]) -> None:
+        """Serve the weights `keys[g]` (in placement order) of each group store: a host arena or a
+        disk-tier group file."""
         if self.scheduler is not None:
             raise ValueError("this StreamingEngine already serves a model; create one engine per wrapped model.")
-        total = sum(t.numel() * t.element_size() for group in groups for payload in group for t in payload)
-        bar = tqdm(groups, desc="offload_tensor: host arenas", unit="group", disable=total <= PROGRESS_BYTES)
-        self.arenas = [build_arena(group) for group in bar]
-        payloads = [arena.payloads() for arena in self.arenas]
-        self.backend.prepare(self.arenas, keys, prefetch + 1)
+        self.stores = list(stores)
+        self.backend.prepare(self.stores, keys, prefetch + 1)
         group_of = {key: g for g, group_keys in enumerate(keys) for key in group_keys}
         self.scheduler = Scheduler(group_of, prefetch, self.backend)
-        return payloads
 
     def invalidate(self) -> None:
         """Payloads are about to be written (load_state_dict, LoRA fuse): let in-flight copies
@@ -69,7 +63,12 @@ class StreamingEngine:
 
     @property
     def host_bytes(self) -> int:
-        return sum(a.nbytes for a in self.arenas)
+        """Bytes of the host arenas (the RAM tier)."""
+        return sum(s.nbytes for s in self.stores if isinstance(s, Arena))
+
+    @property
+    def arenas(self) -> list[Arena]:
+        return [s for s in self.stores if isinstance(s, Arena)]
 
     def fetch(self, key: Hashable, payload: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         if self.scheduler is None or key not in self.scheduler.group_of:

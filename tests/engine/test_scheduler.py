@@ -10,6 +10,7 @@ import compile_rules
 from models import CASES, output
 from offload_tensor import offload_report, wrap_model_for_offload
 from offload_tensor.engine.fake import FakeBackend, StreamRaceError
+from offload_tensor.engine.host_store import build_arena
 from offload_tensor.engine.scheduler import Scheduler
 from offload_tensor.engine.streaming import StreamingEngine
 
@@ -21,7 +22,9 @@ def make_engine(groups=6, weights_per_group=3, prefetch=1, scheduler_cls=Schedul
     payloads = [[(torch.randn(5 + w, 4, generator=g),) for w in range(weights_per_group)] for _ in range(groups)]
     expected = [[p[0].clone() for p in group] for group in payloads]
     engine = StreamingEngine(FakeBackend(**backend))
-    arena_payloads = engine.prepare(payloads, prefetch, keys_of(groups, weights_per_group))
+    arenas = [build_arena(group) for group in payloads]
+    engine.prepare(arenas, prefetch, keys_of(groups, weights_per_group))
+    arena_payloads = [arena.payloads() for arena in arenas]
     if scheduler_cls is not Scheduler:
         s = engine.scheduler
         engine.scheduler = scheduler_cls(s.group_of, s.prefetch, s.backend)
@@ -229,29 +232,29 @@ def test_compiled_fetches_consult_the_scheduler(mode):
 
 @pytest.mark.parametrize("granularity", ["block", "leaf"])
 def test_groups_follow_blocks_or_modules(granularity):
-    from offload_tensor.wrap import weight_groups
+    from offload_tensor.plan import group_weights, unique_weights
 
     model = CASES[0].make()
-    weights = list(model.parameters())
-    groups = weight_groups(model, weights, granularity)
-    assert sorted(i for g in groups for i in g) == list(range(len(weights)))  # each weight exactly once
+    weights = unique_weights(model)
+    groups = [names for _, names, _ in group_weights(model, weights, granularity)]
+    assert sorted(n for g in groups for n in g) == sorted(weights)  # each weight exactly once
     block = model.transformer_blocks[0]
     block_ids = {id(p) for p in block.parameters()}
-    holding = [g for g in groups if any(id(weights[i]) in block_ids for i in g)]
+    holding = [g for g in groups if any(id(weights[n]) in block_ids for n in g)]
     if granularity == "block":
-        assert len(holding) == 1 and {id(weights[i]) for i in holding[0]} == block_ids
+        assert len(holding) == 1 and {id(weights[n]) for n in holding[0]} == block_ids
     else:
         assert len(holding) == sum(1 for m in block.modules() if any(p is not None for p in m._parameters.values()))
 
 
 def test_transformers_no_split_modules_are_blocks():
-    from offload_tensor.wrap import weight_groups
+    from offload_tensor.plan import group_weights, unique_weights
 
     bert = CASES[-1].make()
-    weights = list(bert.parameters())
-    groups = weight_groups(bert, weights, "block")
+    weights = unique_weights(bert)
+    groups = [names for _, names, _ in group_weights(bert, weights, "block")]
     layer_ids = {id(p) for p in bert.encoder.layer[0].parameters()}
-    assert any({id(weights[i]) for i in g} == layer_ids for g in groups)
+    assert any({id(weights[n]) for n in g} == layer_ids for g in groups)
 
 
 @pytest.mark.parametrize("change", ["load_state_dict", "fuse_lora"])

@@ -1,0 +1,180 @@
+"""The build step of a wrap: every weight's payload, where its plan puts it, group by group.
+
+Invariant: host memory holds at most one group twice. From a model in RAM, a group's host arena
+is filled from the original weights, then each original plain weight is pointed at its copy in
+the arena, which releases the original's memory while the values and the Parameter objects stay
+as they were: a failure in a later group leaves a model that runs, with the same values. (fp8 and
+quantized payloads cannot stand in for their originals, so those originals are released only when
+the wrap completes.) From a checkpoint, bytes go from the file straight into the arena, or, for
+the disk tier, into the group's file; a model on the meta device holds nothing to release.
+
+Nothing here changes the model except through those `.data` pointers; installing the payloads is
+wrap's job.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from offload_tensor.checkpoint import StoredTensor, fingerprint, read_into
+from offload_tensor.engine.disk import DiskGroup, _contiguous_stride, group_file, layout_hash, open_group, write_group
+from offload_tensor.engine.host_store import Arena, allocate_arena
+from offload_tensor.payloads import Float8, PayloadKind, Plain, kind_for
+from offload_tensor.plan import Group, Plan
+
+log = logging.getLogger("offload_tensor")
+PROGRESS_BYTES = 1 << 30  # a progress bar above this many bytes
+
+
+class ModelSource:
+    """The weights of a loaded model."""
+
+    fingerprint = "memory"  # values known only by reading them: disk files are always written
+
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        self.weights = weights
+
+    def value(self, name: str) -> torch.Tensor:
+        return self.weights[name].detach()
+
+    def fill(self, name: str, out: torch.Tensor) -> None:
+        out.copy_(self.weights[name].detach())
+
+    def stride(self, name: str) -> tuple[int, ...]:
+        return self.weights[name].stride()
+
+
+class CheckpointSource:
+    """Weights read from safetensors files, by weight name (see checkpoint.py)."""
+
+    def __init__(self, stored: dict[str, StoredTensor], files) -> None:
+        self.stored = stored
+        self.fingerprint = fingerprint(files)
+
+    def value(self, name: str) -> torch.Tensor:
+        s = self.stored[name]
+        out = torch.empty(s.shape, dtype=s.dtype)
+        read_into(s, out)
+        return out
+
+    def fill(self, name: str, out: torch.Tensor) -> None:
+        if out.is_contiguous():
+            read_into(self.stored[name], out)
+        else:
+            out.copy_(self.value(name))
+
+    def stride(self, name: str) -> tuple[int, ...]:
+        return _contiguous_stride(self.stored[name].shape)
+
+
+@dataclass
+class Built:
+    payloads: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # where each weight lives
+    kinds: dict[str, PayloadKind] = field(default_factory=dict)
+    stores: list[Arena | DiskGroup] = field(default_factory=list)  # streamed groups, for an engine that streams
+    store_weights: list[list[str]] = field(default_factory=list)  # the weights of each store, in order
+
+
+def specs(weight: torch.Tensor, kind: PayloadKind, stride: tuple[int, ...]) -> list[tuple]:
+    """(shape, stride, dtype) of the payload tensors `weight` encodes to."""
+    if isinstance(kind, Float8):
+        scale = (weight.shape[0], *[1] * (weight.ndim - 1)) if kind.per_channel else ()
+        return [(weight.shape, _contiguous_stride(weight.shape), kind.storage_dtype),
+                (scale, _contiguous_stride(scale), torch.float32)]  # fmt: skip
+    if isinstance(kind, Plain):
+        return [(weight.shape, stride, weight.dtype)]
+    return [(t.shape, t.stride(), t.dtype) for t in kind.encode(weight)]
+
+
+def build(
+    model: nn.Module,
+    plan: Plan,
+    weights: dict[str, torch.Tensor],
+    source: ModelSource | CheckpointSource,
+    streams_stores: bool,
+) -> Built:
+    """Payloads for every weight of `plan`. `streams_stores`: the engine streams groups from host
+    arenas or disk files (else streamed weights keep plain payloads, fetched on demand)."""
+    per_channel = plan.storage.scale == "channel"
+    built = Built()
+    progress = tqdm(
+        plan.groups, desc="offload_tensor: building", unit="group", disable=plan.weight_bytes <= PROGRESS_BYTES
+    )
+    for group in progress:
+        names = list(group.weights)
+        kinds = [kind_for(weights[n], plan.storage.dtype, per_channel) for n in names]
+        built.kinds.update(zip(names, kinds))
+        if group.tier == "disk":
+            store = _disk_group(plan, group, names, kinds, weights, source)
+            payloads = store.payloads()
+        elif group.tier == "gpu" or (not streams_stores and isinstance(source, ModelSource)):
+            device = plan.device if group.tier == "gpu" else torch.device("cpu")
+            payloads = [tuple(t.to(device) for t in k.encode(source.value(n))) for n, k in zip(names, kinds)]
+            store = None
+        else:  # a host arena: streamed from it, or (from a checkpoint) the memory the weights live in
+            store = _arena(names, kinds, weights, source)
+            payloads = store.payloads()
+            if isinstance(source, ModelSource):
+                _release(names, kinds, weights, payloads)
+        built.payloads.update(zip(names, payloads))
+        if group.streamed and streams_stores and store is not None:
+            built.stores.append(store)
+            built.store_weights.append(names)
+    return built
+
+
+def _arena(names, kinds, weights, source) -> Arena:
+    arena = allocate_arena([specs(weights[n], k, source.stride(n)) for n, k in zip(names, kinds)])
+    for name, kind, views in zip(names, kinds, arena.payloads()):
+        if isinstance(kind, Plain):
+            source.fill(name, views[0])
+        else:
+            for dst, src in zip(views, kind.encode(source.value(name))):
+                dst.copy_(src)
+    return arena
+
+
+def _release(names, kinds, weights, payloads) -> None:
+    """Point each original plain weight at its copy in the arena: its own memory is freed (unless
+    something else holds it), its value and identity are unchanged."""
+    released = 0
+    for name, kind, payload in zip(names, kinds, payloads):
+        w = weights[name]
+        if isinstance(kind, Plain) and type(w) is nn.Parameter and type(w.data) is torch.Tensor:
+            released += w.nbytes
+            w.data = payload[0]
+    if released:
+        _trim()
+
+
+def _disk_group(plan: Plan, group: Group, names, kinds, weights, source) -> DiskGroup:
+    inner_names = [k.inner_names for k in kinds]
+    shapes = [specs(weights[n], k, source.stride(n)) for n, k in zip(names, kinds)]
+    layout = layout_hash(names, [[(s[0], s[2]) for s in spec] for spec in shapes])
+    path = group_file(plan.placement.disk_path, group.name, layout)
+    metadata = {"offload_tensor.layout": layout, "offload_tensor.source": source.fingerprint}
+    expected = [[(s[0], s[2]) for s in spec] for spec in shapes]
+    if source.fingerprint != "memory" and path.exists():  # written from this checkpoint before: reuse
+        return open_group(path, names, inner_names, metadata, expected)
+    payloads = [k.encode(source.value(n).contiguous() if isinstance(k, Plain) else source.value(n)) for n, k in zip(names, kinds)]
+    return write_group(path, names, inner_names, payloads, metadata)
+
+
+_libc = None
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps small freed blocks), so RSS follows."""
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        _libc = ctypes.CDLL(name) if name else False
+    if _libc and hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)

@@ -1,0 +1,173 @@
+"""safetensors files, read and written without holding a model twice.
+
+Reading goes straight from the file into memory we own (a host arena, a staging buffer) with
+`os.preadv`: no memory map (its touched pages would count in the process's RSS) and no temporary
+tensor per weight. That needs each tensor's byte range, which the safetensors Python API does not
+expose, so the header is read here: 8 bytes (little-endian u64) of header size N, N bytes of
+JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the
+data, offsets counted from the end of the header. Writing uses safetensors itself, to a temporary
+file renamed into place, so a reader never sees a half-written file.
+
+Checkpoints come as one `.safetensors` file, a folder of shards with their `*.index.json` (the
+layout transformers and diffusers save, e.g. `transformer/diffusion_pytorch_model-0000N-of-0000M
+.safetensors`), or a folder holding a single `.safetensors` file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or a disk-tier file) is missing, truncated, or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor's bytes are: `nbytes` bytes at `offset` of `path`."""
+
+    path: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """The tensors of a safetensors file (by name) and its metadata; checks that every byte range
+    lies inside the file, so a truncated file is refused here, not read short later."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file (shorter than its header size).")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CheckpointError(f"{path} is truncated: its header says {n} bytes, the file has {size - 8} after it.")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON: {e}).") from e
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, entry in header.items():
+        if entry["dtype"] not in DTYPES:
+            raise CheckpointError(f"{path}: {name} has dtype {entry['dtype']}, which offload_tensor does not read.")
+        begin, end = entry["data_offsets"]
+        if 8 + n + end > size:
+            raise CheckpointError(
+                f"{path} is truncated: {name} ends at byte {8 + n + end}, the file has {size}. Download or write it again."
+            )
+        tensors[name] = StoredTensor(path, DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + n + begin, end - begin)
+    return tensors, metadata
+
+
+def checkpoint_files(checkpoint: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint (see the module docstring for the layouts)."""
+    path = Path(checkpoint)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint={os.fspath(checkpoint)!r} is neither a file nor a folder; pass a local .safetensors file, or "
+            "a folder of shards with their .index.json (offload_tensor downloads nothing)."
+        )
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise CheckpointError(f"{path} holds several checkpoints ({[i.name for i in indexes]}); pass the one to load.")
+    if indexes:
+        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{indexes[0]} names shards that are not in {path}: {missing}.")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) != 1:
+        found = [f.name for f in files] or "none"
+        raise CheckpointError(
+            f"{path} has no *.safetensors.index.json and {len(files)} .safetensors files ({found}); pass a file, or a "
+            "folder with one checkpoint."
+        )
+    return files
+
+
+def index(checkpoint: str | os.PathLike) -> dict[str, StoredTensor]:
+    """Every tensor of a checkpoint, by name, across its shards."""
+    tensors: dict[str, StoredTensor] = {}
+    for path in checkpoint_files(checkpoint):
+        found, _ = read_header(path)
+        for name in found.keys() & tensors.keys():
+            raise CheckpointError(f"{name} is stored twice: in {tensors[name].path} and {path}.")
+        tensors.update(found)
+    return tensors
+
+
+def fingerprint(paths: list[Path]) -> str:
+    """What identifies the content of files without reading them: names, sizes, modification times."""
+    digest = hashlib.blake2b(digest_size=12)
+    for p in paths:
+        stat = os.stat(p)
+        digest.update(f"{os.path.abspath(p)}|{stat.st_size}|{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
+
+
+def read_into(stored: StoredTensor, out: torch.Tensor, fd: int | None = None) -> None:
+    """Read `stored`'s bytes into `out` (a contiguous CPU tensor of exactly that many bytes)."""
+    if out.nbytes != stored.nbytes or not out.is_contiguous():
+        raise AssertionError(f"buffer of {out.nbytes} bytes for {stored.nbytes}")
+    own = fd is None
+    if own:
+        fd = os.open(stored.path, os.O_RDONLY)
+    try:
+        read_exactly(fd, _bytes_of(out), stored.offset, stored.path)
+    finally:
+        if own:
+            os.close(fd)
+
+
+def read_exactly(fd: int, buffer: memoryview, offset: int, path: str) -> None:
+    done = 0
+    while done < len(buffer):
+        n = os.preadv(fd, [buffer[done:]], offset + done)
+        if n == 0:
+            raise CheckpointError(f"{path} ended early while reading bytes {offset}..{offset + len(buffer)}: truncated?")
+        done += n
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy()).cast("B")
+
+
+def write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file so that a reader sees the whole file or none: to a temporary file
+    in the same folder, then renamed over `path` (two processes writing the same file each rename
+    a complete one)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

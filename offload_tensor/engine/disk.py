@@ -1,0 +1,275 @@
+"""The disk tier: each group's payload in a safetensors file of its own, read ahead in a background
+thread by the same scheduler that streams host arenas.
+
+Files. A group's payload tensors are written once to `<disk_path>/<group>-<layout>.safetensors`,
+where `layout` hashes the group's weight names, shapes, dtypes and encodings; its metadata records
+that hash and where the values came from (a checkpoint's fingerprint, or "memory"). A file is
+written to a temporary name and renamed, so readers (another process wrapping from the same
+folder) see a whole file or none. On reuse the header is checked against the group (names,
+shapes, dtypes, byte ranges inside the file, layout hash, source): a truncated or stale file is a
+`CheckpointError` that names it, never wrong weights.
+
+Reads. `DiskBackend` (computing on the CPU) loads a group with `os.preadv` straight into freshly
+allocated tensors, one per payload tensor, on a background thread, so reading overlaps compute
+(preadv releases the GIL). Fresh tensors, because a fetch hands its result over (see [Note: fetch
+hands over ownership] in ops.py): a read pops the tensors from the slot, nothing is shared. No
+memory map is read from, so the page cache holding the files is never part of the process's RSS;
+the payload tensors the weights report are a shared memory map of the file, touched only when
+something reads them directly (a state_dict, unwrap_model), and writes into them (load_state_dict)
+land in the file. `DiskCudaBackend` reads into pinned staging buffers and copies each on to the
+device slot on the CUDA backend's copy stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+from collections.abc import Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from offload_tensor.checkpoint import CheckpointError, read_exactly, read_header, write_atomically
+from offload_tensor.engine.host_store import Placement
+
+
+@dataclass
+class DiskGroup:
+    """One group's payload on disk: `nbytes` bytes at `offset` of `path`; `placements[i][j]` is
+    tensor j of weight i, relative to `offset`."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    placements: list[list[Placement]]
+    _map: mmap.mmap | None = field(default=None, repr=False)
+
+    def payloads(self) -> list[tuple[torch.Tensor, ...]]:
+        """The payload tensors as views of a shared memory map of the file (reads fault pages in;
+        writes land in the file)."""
+        if self._map is None:
+            with open(self.path, "r+b") as f:
+                self._map = mmap.mmap(f.fileno(), 0)
+        flat = torch.frombuffer(self._map, dtype=torch.uint8)[self.offset : self.offset + self.nbytes]
+        return [tuple(p.view(flat) for p in weight) for weight in self.placements]
+
+
+def layout_hash(names: Sequence[str], payloads: Sequence[Sequence[tuple]]) -> str:
+    """What a group file must hold: weight names and each payload tensor's (name, shape, dtype)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, inner in zip(names, payloads):
+        digest.update(f"{name}:{inner};".encode())
+    return digest.hexdigest()
+
+
+def group_file(folder: Path, group_name: str, layout: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in group_name) or "root"
+    return folder / f"{safe}-{layout}.safetensors"
+
+
+def write_group(path: Path, names: Sequence[str], inner_names: Sequence[Sequence[str]],
+                payloads: Sequence[Sequence[torch.Tensor]], metadata: dict[str, str]) -> DiskGroup:  # fmt: skip
+    tensors = {f"{n}.{inner}": t for n, inners, ts in zip(names, inner_names, payloads) for inner, t in zip(inners, ts)}
+    write_atomically(path, tensors, metadata)
+    return open_group(path, names, inner_names, metadata)
+
+
+def open_group(path: Path, names: Sequence[str], inner_names: Sequence[Sequence[str]], metadata: dict[str, str],
+               specs: Sequence[Sequence[tuple]] | None = None) -> DiskGroup:  # fmt: skip
+    """The group stored in `path`, checked: every tensor present with the expected shape and dtype
+    (`specs`: (shape, dtype) per payload tensor), inside the file, and `metadata` as written."""
+    stored, found_metadata = read_header(path)
+    for key, value in metadata.items():
+        if found_metadata.get(key) != value:
+            raise CheckpointError(
+                f"{path} is stale: it was written for {key}={found_metadata.get(key)!r}, this wrap needs {value!r}. "
+                "Delete it (or use another disk_path) and wrap again."
+            )
+    entries = []
+    for w, (name, inners) in enumerate(zip(names, inner_names)):
+        weight = []
+        for j, inner in enumerate(inners):
+            entry = stored.get(f"{name}.{inner}")
+            if entry is None:
+                raise CheckpointError(f"{path} does not hold {name}.{inner}; delete it and wrap again.")
+            if specs is not None and (tuple(specs[w][j][0]), specs[w][j][1]) != (entry.shape, entry.dtype):
+                raise CheckpointError(
+                    f"{path}: {name}.{inner} is {entry.shape} {entry.dtype}, expected {tuple(specs[w][j][0])} "
+                    f"{specs[w][j][1]}; delete it and wrap again."
+                )
+            weight.append(entry)
+        entries.append(weight)
+    start = min((e.offset for weight in entries for e in weight), default=0)
+    end = max((e.offset + e.nbytes for weight in entries for e in weight), default=0)
+    placements = [
+        [Placement(e.offset - start, torch.Size(e.shape), _contiguous_stride(e.shape), e.dtype) for e in weight]
+        for weight in entries
+    ]
+    return DiskGroup(path, start, end - start, placements)
+
+
+def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for n in reversed(shape):
+        stride.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(stride))
+
+
+class _Files:
+    """One read-only descriptor per file, opened once; preadv takes explicit offsets, so one
+    descriptor serves every thread."""
+
+    def __init__(self) -> None:
+        self.fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        fd = self.fds.get(path)
+        if fd is None:
+            fd = self.fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+class DiskBackend:
+    """Computing on the CPU: a group is read into fresh tensors by a background thread."""
+
+    def __init__(self) -> None:
+        self.groups: list[DiskGroup] = []
+        self.files = _Files()
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="offload_tensor-disk")
+        self.slots: list[Future | None] = []
+        self.bytes_read = 0
+
+    def prepare(self, groups: Sequence[DiskGroup], keys: Sequence[Sequence[Hashable]], slots: int) -> None:
+        self.groups = list(groups)
+        self.key_index = {key: (g, i) for g, group_keys in enumerate(keys) for i, key in enumerate(group_keys)}
+        self.keys = [list(k) for k in keys]
+        self.slots = [None] * slots
+
+    def _load(self, group: int) -> dict[Hashable, list[torch.Tensor]]:
+        g = self.groups[group]
+        fd = self.files.fd(g.path)
+        loaded = {}
+        for key, weight in zip(self.keys[group], g.placements):
+            tensors = []
+            for p in weight:
+                t = torch.empty(p.shape, dtype=p.dtype)
+                if t.nbytes:
+                    read_exactly(fd, memoryview(t.view(torch.uint8).reshape(-1).numpy()), g.offset + p.offset, str(g.path))
+                tensors.append(t)
+            loaded[key] = tensors
+        self.bytes_read += g.nbytes
+        return loaded
+
+    def copy(self, group: int, slot: int, wait_for) -> Future:
+        # Release events are None here: compute on the CPU has finished every read by the time
+        # the scheduler moves on, and reads hand their tensors over, so the slot shares nothing.
+        future = self.reader.submit(self._load, group)
+        self.slots[slot] = future
+        return future
+
+    def wait(self, event: Future) -> None:
+        event.result()  # a read error surfaces here, in the thread that asked
+
+    def read(self, group: int, slot: int, key: Hashable) -> list[torch.Tensor]:
+        future = self.slots[slot]
+        if future is None or not future.done():
+            from offload_tensor.engine.fake import StreamRaceError
+
+            raise StreamRaceError(f"compute reads slot {slot} (group {group}) before its read from disk finished")
+        tensors = future.result().pop(key, None)
+        if tensors is None:  # read twice while in its slot (a tied weight): read it again
+            g, i = self.key_index[key]
+            fd = self.files.fd(self.groups[g].path)
+            tensors = []
+            for p in self.groups[g].placements[i]:
+                t = torch.empty(p.shape, dtype=p.dtype)
+                if t.nbytes:
+                    read_exactly(fd, memoryview(t.view(torch.uint8).reshape(-1).numpy()), self.groups[g].offset + p.offset, "")
+                tensors.append(t)
+        return tensors
+
+    def release(self, slot: int) -> None:
+        return None
+
+    def quiesce(self) -> None:
+        for future in self.slots:
+            if future is not None:
+                future.exception()  # wait; errors surface on the read that needs it
+
+    def close(self) -> None:
+        self.quiesce()
+        self.reader.shutdown(wait=True)
+        self.files.close()
+
+    @property
+    def pinned_bytes(self) -> int:
+        return 0
+
+
+class DiskCudaBackend:
+    """Computing on CUDA from the disk tier: a background thread reads a group into a pinned
+    staging buffer (one per slot), then the copy stream moves it into the device slot; a staging
+    buffer is reused only after its copy to the device finished. Reads and releases are the CUDA
+    backend's."""
+
+    def __init__(self, device: torch.device, pin_memory: bool = True) -> None:
+        from offload_tensor.engine.cuda import CudaBackend
+
+        self.cuda = CudaBackend(device, pin_memory=pin_memory)
+        self.files = _Files()
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="offload_tensor-disk")
+        self.bytes_read = 0
+
+    def prepare(self, groups: Sequence[DiskGroup], keys: Sequence[Sequence[Hashable]], slots: int) -> None:
+        self.groups = list(groups)
+        largest = max((g.nbytes for g in self.groups), default=0)
+        self.staging = [torch.empty(largest, dtype=torch.uint8, pin_memory=self.cuda.pin_memory) for _ in range(slots)]
+        self.staged: list[torch.cuda.Event | None] = [None] * slots  # the last copy out of each staging buffer
+        self.cuda.prepare(self.groups, keys, slots)  # device slots, key index, placements (no arenas to pin)
+
+    def copy(self, group: int, slot: int, wait_for) -> Future:
+        def job() -> torch.cuda.Event:
+            g = self.groups[group]
+            if self.staged[slot] is not None:
+                self.staged[slot].synchronize()  # this staging buffer's previous copy left it
+            staging = self.staging[slot][: g.nbytes]
+            read_exactly(self.files.fd(g.path), memoryview(staging.numpy()), g.offset, str(g.path))
+            self.bytes_read += g.nbytes
+            ready = self.cuda.copy_from(staging, slot, wait_for)
+            self.staged[slot] = ready
+            return ready
+
+        self.cuda._check_not_capturing()
+        return self.reader.submit(job)
+
+    def wait(self, event: Future) -> None:
+        self.cuda.wait(event.result())
+
+    def read(self, group: int, slot: int, key: Hashable) -> list[torch.Tensor]:
+        return self.cuda.read(group, slot, key)
+
+    def release(self, slot: int):
+        return self.cuda.release(slot)
+
+    def quiesce(self) -> None:
+        self.reader.submit(lambda: None).result()
+        self.cuda.quiesce()
+
+    def close(self) -> None:
+        self.quiesce()
+        self.reader.shutdown(wait=True)
+        self.files.close()
+        self.cuda.close()
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(t.numel() for t in self.staging) if self.cuda.pin_memory else 0

@@ -1,0 +1,141 @@
+"""The settings of a wrap, as small frozen policies (FSDP2 keeps its policies the same way).
+
+`Storage`: how a weight is encoded where it lives. `Streaming`: how weights move (prefetch depth,
+pinning, grouping). `Placement`: where the model computes and where each group lives (the
+offload tier, a disk folder, a device budget). Each is validated when built, so a bad setting is
+an error before anything else happens.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from offload_tensor.payloads import FLOAT8_DTYPES
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_bytes(value: int | str, what: str) -> int:
+    """`12GiB`, `500MB`, `1.5 GB`, or an int of bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what}={value!r} is not a size; use an int of bytes or a string such as '12GiB'.")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{what}={value} is negative; use a size >= 0 (bytes, or a string such as '12GiB').")
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if match and match.group(2).lower() in _UNITS:
+            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    raise ValueError(f"{what}={value!r} is not a size; use an int of bytes or a string such as '12GiB' or '500MB'.")
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How weights are stored: as they are, or matrices and conv kernels in fp8 with a float32
+    scale per output channel (`scale="channel"`) or per weight (`"tensor"`)."""
+
+    dtype: torch.dtype | None = None
+    scale: str = "channel"
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in FLOAT8_DTYPES:
+            raise ValueError(
+                f"storage_dtype={self.dtype} is not supported; use torch.float8_e4m3fn, torch.float8_e5m2 "
+                "or None (keep the weights' own dtype)."
+            )
+        if self.scale not in ("channel", "tensor"):
+            raise ValueError(f"fp8_scale={self.scale!r} is not supported; use 'channel' or 'tensor'.")
+
+
+@dataclass(frozen=True)
+class Streaming:
+    """How streamed weights move: `prefetch` groups ahead of use; host memory pinned once at exact
+    size (`pin_memory`); grouped by repeated block or by module (`granularity`)."""
+
+    prefetch: int = 1
+    pin_memory: bool = True
+    granularity: str = "block"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prefetch, int) or isinstance(self.prefetch, bool) or self.prefetch < 0:
+            raise ValueError(f"prefetch={self.prefetch!r} must be an int >= 0 (the number of groups fetched ahead).")
+        if not isinstance(self.pin_memory, bool):
+            raise ValueError(f"pin_memory={self.pin_memory!r} must be True or False.")
+        if self.granularity not in ("block", "leaf"):
+            raise ValueError(f"granularity={self.granularity!r} is not supported; use 'block' or 'leaf'.")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the model computes (`device`) and where weights live between uses: `offload="cpu"`
+    (host RAM) or `"disk"` (files under `disk_path`). `budget`: bytes of weights that may stay
+    resident where the model computes (None: as the tier implies)."""
+
+    device: torch.device
+    offload: str = "cpu"
+    disk_path: Path | None = None
+    budget: int | None = None
+
+    @property
+    def resident_tier(self) -> str:
+        return "device" if self.device.type == "cuda" else "ram"
+
+
+def placement(device, offload, disk_path, budget=None) -> Placement:
+    """The placement for the arguments of wrap_model_for_offload (validated; resolves `device`)."""
+    compute = compute_device(device)
+    if isinstance(offload, torch.device):
+        offload = str(offload)
+    if isinstance(offload, os.PathLike) or (
+        isinstance(offload, str) and offload not in ("cpu", "disk") and (os.sep in offload or os.path.isdir(offload))
+    ):
+        if disk_path is not None and Path(disk_path) != Path(offload):
+            raise ValueError(f"offload={os.fspath(offload)!r} and disk_path={os.fspath(disk_path)!r} name two folders; pass one.")
+        offload, disk_path = "disk", offload
+    if offload not in ("cpu", "disk"):
+        raise ValueError(f"offload={offload!r} is not understood; use 'cpu' (host RAM), 'disk' (with disk_path=), or a folder.")
+    if offload == "disk":
+        if disk_path is None:
+            raise ValueError("offload='disk' needs disk_path=: the folder where the weights are written.")
+        disk_path = Path(disk_path)
+        if disk_path.exists() and not disk_path.is_dir():
+            raise ValueError(f"disk_path={os.fspath(disk_path)!r} is a file; pass a folder (created if missing).")
+    elif disk_path is not None:
+        raise ValueError(f"disk_path={os.fspath(disk_path)!r} is given but offload={offload!r}; pass offload='disk'.")
+    return Placement(compute, offload, disk_path, None if budget is None else parse_bytes(budget, "budget"))
+
+
+_announced_cpu = False
+
+
+def compute_device(device: str | torch.device | None) -> torch.device:
+    global _announced_cpu
+    import logging
+
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if not _announced_cpu:
+            _announced_cpu = True
+            logging.getLogger("offload_tensor").info(
+                "offload_tensor: CUDA is not available; computing on the CPU (pass device= to choose)."
+            )
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device; use 'cuda', 'cuda:N' or 'cpu'.") from e
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} asks for CUDA, which is not available here; use device='cpu' or None.")
+        return torch.device("cuda", torch.cuda.current_device() if resolved.index is None else resolved.index)
+    if resolved.type != "cpu":
+        raise ValueError(f"device={device!r}: offload_tensor computes on 'cuda' or 'cpu'.")
+    return resolved

@@ -1,0 +1,231 @@
+"""Big models on small machines: a model built on the meta device wrapped straight from a
+safetensors checkpoint (one file, shards with their index, diffusers' folder layout), into RAM or
+the disk tier; the disk tier's files checked on reuse; a failure midway leaving the model usable."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file, save_file
+
+import compile_rules
+from models import CASES, minilm_path, output
+from offload_tensor import is_wrapped, offload_report, unwrap_model, wrap_model_for_offload
+from offload_tensor.checkpoint import CheckpointError
+
+FLUX, WAN, BERT = CASES[0], CASES[1], CASES[-1]
+
+
+def meta_like(case):
+    """The case's model built on the meta device, as a user builds one to load into."""
+    if case is BERT:
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig.from_pretrained(minilm_path(), attn_implementation="sdpa")
+        with init_empty_weights():
+            return BertModel(config).eval()
+    plain = case.make()
+    with init_empty_weights():
+        return type(plain).from_config(plain.config).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """For Flux and Wan: one file, and a diffusers folder of shards with their index."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    out = {}
+    for case in (FLUX, WAN):
+        model = case.make()
+        model.save_pretrained(root / case.name / "single")
+        model.save_pretrained(root / case.name / "pipeline" / "transformer", max_shard_size="40KB")
+        out[case.name] = {
+            "single": root / case.name / "single" / "diffusion_pytorch_model.safetensors",
+            "sharded": root / case.name / "pipeline" / "transformer",
+        }
+    out[BERT.name] = {"single": minilm_path() / "model.safetensors"}
+    return out
+
+
+def run(model, case, seed=0):
+    with torch.no_grad():
+        return output(model(**case.inputs(seed)))
+
+
+LOADS = [(FLUX, "single"), (FLUX, "sharded"), (WAN, "single"), (WAN, "sharded"), (BERT, "single")]
+
+
+@pytest.mark.parametrize("case,layout", LOADS, ids=[f"{c.name}-{layout}" for c, layout in LOADS])
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+def test_meta_model_from_checkpoint_equals_the_plain_model(case, layout, tier, checkpoints, tmp_path):
+    checkpoint = checkpoints[case.name][layout]
+    if layout == "sharded":
+        assert len(list(Path(checkpoint).glob("*.safetensors"))) > 2  # really sharded
+    kwargs = {"offload": tmp_path / "disk"} if tier == "disk" else {}
+    model = wrap_model_for_offload(meta_like(case), checkpoint=checkpoint, **kwargs)
+    assert run(model, case).equal(run(case.make(), case))
+    report = offload_report(model)
+    assert report.by_tier == {tier: sum(p.payload_bytes for p in model.parameters())}
+    if tier == "disk":  # the weights stream from disk, read ahead by the scheduler
+        assert report.offloaded_bytes > 0 and model._offload_state.engine.scheduler.stats.copies > 0
+        assert run(model, case, 1).equal(run(case.make(), case, 1))
+
+
+COMPILED = [(FLUX, "whole"), (FLUX, "repeated_blocks"), (WAN, "repeated_blocks")]
+
+
+@pytest.mark.parametrize("case,mode", COMPILED, ids=[f"{c.name}-{m}" for c, m in COMPILED])
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+def test_loaded_model_compiles_like_the_plain_one(case, mode, tier, checkpoints, tmp_path):
+    repeated = mode == "repeated_blocks"
+    plain = compile_rules.check(case.make(), repeated_blocks=repeated, **case.inputs(0))
+    kwargs = {"offload": tmp_path / "disk"} if tier == "disk" else {}
+    model = wrap_model_for_offload(meta_like(case), checkpoint=checkpoints[case.name]["sharded"], **kwargs)
+    report = compile_rules.check(model, repeated_blocks=repeated, fullgraph=True, **case.inputs(0))
+    assert report.graph_breaks == 0 and report.graphs <= plain.graphs, f"plain: {plain}\nwrapped: {report}"
+    torch.testing.assert_close(output(report.output), output(plain.output), atol=1e-5, rtol=0)
+    if tier == "disk":
+        assert report.fetches_per_forward > 0
+
+
+def test_fp8_storage_applies_while_loading(checkpoints):
+    loaded = wrap_model_for_offload(meta_like(FLUX), checkpoint=checkpoints["flux"]["sharded"], storage_dtype=torch.float8_e4m3fn)
+    wrapped = wrap_model_for_offload(FLUX.make(), storage_dtype=torch.float8_e4m3fn)
+    for (name, a), b in zip(loaded.named_parameters(), wrapped.parameters()):
+        assert a._kind == b._kind and all(torch.equal(x, y) for x, y in zip(a._inner, b._inner)), name
+    assert run(loaded, FLUX).equal(run(wrapped, FLUX))
+
+
+def _edited(source: Path, target: Path, edit) -> Path:
+    tensors = load_file(source)
+    edit(tensors)
+    save_file(tensors, target)
+    return target
+
+
+BAD_CHECKPOINTS = {
+    "missing": (lambda t: t.pop("proj_out.weight"), "missing key proj_out.weight"),
+    "unexpected": (lambda t: t.__setitem__("extra.weight", torch.zeros(2)), "unexpected key extra.weight"),
+    "shape": (lambda t: t.__setitem__("proj_out.weight", torch.zeros(3, 3)), r"proj_out.weight: the checkpoint has \(3, 3\)"),
+    "dtype": (lambda t: t.__setitem__("proj_out.bias", t["proj_out.bias"].double()), r"proj_out.bias: .*torch.float64"),
+}
+
+
+@pytest.mark.parametrize("problem", list(BAD_CHECKPOINTS))
+def test_a_checkpoint_that_does_not_fit_is_refused_naming_the_key(problem, checkpoints, tmp_path):
+    edit, message = BAD_CHECKPOINTS[problem]
+    checkpoint = _edited(checkpoints["flux"]["single"], tmp_path / "bad.safetensors", edit)
+    model = meta_like(FLUX)
+    with pytest.raises(CheckpointError, match=message):
+        wrap_model_for_offload(model, checkpoint=checkpoint)
+    assert not is_wrapped(model) and all(p.is_meta and type(p) is torch.nn.Parameter for p in model.parameters())
+
+
+def test_a_truncated_checkpoint_is_refused_before_anything_is_read(checkpoints, tmp_path):
+    data = Path(checkpoints["flux"]["single"]).read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) - 100])
+    model = meta_like(FLUX)
+    with pytest.raises(CheckpointError, match="truncated"):
+        wrap_model_for_offload(model, checkpoint=truncated)
+    assert not is_wrapped(model)
+
+
+def test_disk_files_are_reused_and_checked(checkpoints, tmp_path):
+    folder = tmp_path / "disk"
+    wrap_model_for_offload(meta_like(FLUX), checkpoint=checkpoints["flux"]["sharded"], offload=folder)
+    files = {p: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")}
+    model = wrap_model_for_offload(meta_like(FLUX), checkpoint=checkpoints["flux"]["sharded"], offload=folder)
+    assert {p: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")} == files  # reused, not rewritten
+    assert run(model, FLUX).equal(run(FLUX.make(), FLUX))
+    # truncated: refused naming the file
+    victim = max(files, key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:-64])
+    with pytest.raises(CheckpointError, match=f"{victim.name}.*truncated"):
+        wrap_model_for_offload(meta_like(FLUX), checkpoint=checkpoints["flux"]["sharded"], offload=folder)
+    # stale: written from another checkpoint (same layout, other values)
+    other = _edited(checkpoints["flux"]["single"], tmp_path / "other.safetensors", lambda t: t["proj_out.bias"].add_(1))
+    folder2 = tmp_path / "disk2"
+    wrap_model_for_offload(meta_like(FLUX), checkpoint=other, offload=folder2)
+    with pytest.raises(CheckpointError, match="stale"):
+        wrap_model_for_offload(meta_like(FLUX), checkpoint=checkpoints["flux"]["single"], offload=folder2)
+
+
+_WRAP_FROM_SHARED_FOLDER = """
+import sys, torch
+sys.path.insert(0, sys.argv[3])
+from test_checkpoint import meta_like, run, FLUX
+from offload_tensor import wrap_model_for_offload
+model = wrap_model_for_offload(meta_like(FLUX), checkpoint=sys.argv[1], offload=sys.argv[2])
+torch.save(run(model, FLUX), sys.argv[2] + f"/out-{sys.argv[4]}.pt")
+"""
+
+
+def test_two_processes_wrap_from_the_same_folder(checkpoints, tmp_path):
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    tests = str(Path(__file__).parent)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _WRAP_FROM_SHARED_FOLDER, str(checkpoints["flux"]["sharded"]), str(folder), tests, str(i)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err.decode()[-2000:]
+    expected = run(FLUX.make(), FLUX)
+    assert all(torch.load(folder / f"out-{i}.pt").equal(expected) for i in range(2))
+    assert not list(folder.glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_writes_to_disk_tier_weights_land_in_their_files(tmp_path):
+    model = wrap_model_for_offload(FLUX.make(), offload=tmp_path / "disk")
+    plain = FLUX.make()
+    run(model, FLUX)  # slots hold the old weights now
+    state = {k: v * 0.5 for k, v in plain.state_dict().items()}
+    model.load_state_dict(state)
+    plain.load_state_dict(state)
+    assert run(model, FLUX, 2).equal(run(plain, FLUX, 2))
+    reread = {}
+    for path in (tmp_path / "disk").glob("*.safetensors"):
+        reread.update(load_file(path))
+    assert all(torch.equal(reread[f"{k}.payload"], v) for k, v in state.items())
+
+
+def test_failure_midway_leaves_the_model_usable(monkeypatch):
+    """A failure while building (out of memory, a full disk) after some groups' original weights
+    were released into their arenas: the model is not wrapped, and runs with the same values."""
+    import offload_tensor.build as build
+    from offload_tensor.engine.fake import FakeBackend
+    from offload_tensor.engine.streaming import StreamingEngine
+
+    model = FLUX.make()
+    expected = run(model, FLUX)
+    params = list(model.parameters())
+    real_arena, calls = build._arena, []
+
+    def failing_arena(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise MemoryError("planted: out of memory in the fourth group")
+        return real_arena(*args)
+
+    monkeypatch.setattr(build, "_arena", failing_arena)
+    with pytest.raises(MemoryError, match="planted"):
+        wrap_model_for_offload(model, engine=StreamingEngine(FakeBackend()))
+    assert not is_wrapped(model) and list(model.parameters()) == params
+    assert all(type(p) is torch.nn.Parameter for p in params)
+    assert run(model, FLUX).equal(expected)
+    monkeypatch.undo()
+    wrap_model_for_offload(model, engine=StreamingEngine(FakeBackend()))  # and can be wrapped after
+    assert run(model, FLUX).equal(expected)
+
+
+def test_unwrap_of_a_loaded_meta_model_gives_cpu_weights(checkpoints):
+    model = unwrap_model(wrap_model_for_offload(meta_like(FLUX), checkpoint=checkpoints["flux"]["single"]))
+    assert all(p.device.type == "cpu" and type(p) is torch.nn.Parameter for p in model.parameters())
+    assert run(model, FLUX).equal(run(FLUX.make(), FLUX))
+    assert os.path.exists(checkpoints["flux"]["single"])
