@@ -112,7 +112,8 @@ def build(config: Config):
     elif config.model == "wan-tiny":
         model, inputs = testing.tiny_wan(), testing.tiny_wan_inputs()
     elif config.model == "flux-shaped":
-        from bench.stream import build_model, inputs as flux_inputs
+        from bench.stream import build_model
+        from bench.stream import inputs as flux_inputs
 
         args = argparse.Namespace(double=4, single=8)  # ~5 GB of bf16 weights
         model, cfg = build_model(args)

@@ -24,10 +24,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from offload_tensor.checkpoint import StoredTensor, fingerprint, read_into
-from offload_tensor.engine.disk import DiskGroup, _contiguous_stride, group_file, layout_hash, open_group, write_group
+from offload_tensor.engine.disk import (
+    DiskGroup,
+    _contiguous_stride,
+    group_file,
+    layout_hash,
+    open_group,
+    read_exactly_into,
+    write_group,
+)
 from offload_tensor.engine.host_store import Arena, allocate_arena
 from offload_tensor.payloads import Float8, PayloadKind, Plain, kind_for
-from offload_tensor.plan import Group, Plan
+from offload_tensor.planner import Group, Plan
 
 log = logging.getLogger("offload_tensor")
 PROGRESS_BYTES = 1 << 30  # a progress bar above this many bytes
@@ -76,10 +84,14 @@ class CheckpointSource:
 
 @dataclass
 class Built:
-    payloads: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # where each weight lives
+    payloads: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # what each weight reads
     kinds: dict[str, PayloadKind] = field(default_factory=dict)
-    stores: list[Arena | DiskGroup] = field(default_factory=list)  # streamed groups, for an engine that streams
-    store_weights: list[list[str]] = field(default_factory=list)  # the weights of each store, in order
+    homes: list[Arena | DiskGroup | None] = field(default_factory=list)  # per plan group: where it lives
+
+    def stores(self, plan: Plan) -> tuple[list[Arena | DiskGroup], list[list[str]]]:
+        """The homes of the streamed groups, and their weights in order: what the engine streams."""
+        streamed = [(h, list(g.weights)) for g, h in zip(plan.groups, self.homes) if g.streamed and h is not None]
+        return [h for h, _ in streamed], [w for _, w in streamed]
 
 
 def specs(weight: torch.Tensor, kind: PayloadKind, stride: tuple[int, ...]) -> list[tuple]:
@@ -100,8 +112,9 @@ def build(
     source: ModelSource | CheckpointSource,
     streams_stores: bool,
 ) -> Built:
-    """Payloads for every weight of `plan`. `streams_stores`: the engine streams groups from host
-    arenas or disk files (else streamed weights keep plain payloads, fetched on demand)."""
+    """Payloads for every weight of `plan`, and each group's home. `streams_stores`: the engine
+    streams groups from their homes (host arenas, disk files); else weights fetched on demand
+    keep their payloads where they are."""
     per_channel = plan.storage.scale == "channel"
     built = Built()
     progress = tqdm(
@@ -111,23 +124,35 @@ def build(
         names = list(group.weights)
         kinds = [kind_for(weights[n], plan.storage.dtype, per_channel) for n in names]
         built.kinds.update(zip(names, kinds))
-        if group.tier == "disk":
-            store = _disk_group(plan, group, names, kinds, weights, source)
-            payloads = store.payloads()
-        elif group.tier == "gpu" or (not streams_stores and isinstance(source, ModelSource)):
-            device = plan.device if group.tier == "gpu" else torch.device("cpu")
-            payloads = [tuple(t.to(device) for t in k.encode(source.value(n))) for n, k in zip(names, kinds)]
-            store = None
-        else:  # a host arena: streamed from it, or (from a checkpoint) the memory the weights live in
-            store = _arena(names, kinds, weights, source)
-            payloads = store.payloads()
+        if group.home == "disk":
+            home = _disk_group(plan, group, names, kinds, weights, source)
+        elif streams_stores or isinstance(source, CheckpointSource) or (group.resident and plan.device.type == "cuda"):
+            # a host arena: streamed from it, the home of a group resident on the GPU (so a new
+            # budget can stream it), or (from a checkpoint) the memory the weights live in
+            home = _arena(names, kinds, weights, source)
             if isinstance(source, ModelSource):
-                _release(names, kinds, weights, payloads)
+                _release(names, kinds, weights, home.payloads())
+        else:  # used where they are (zero-copy on the CPU), or fetched on demand from there
+            home = None
+        built.homes.append(home)
+        if home is None:
+            payloads = [tuple(k.encode(source.value(n))) for n, k in zip(names, kinds)]
+        else:
+            payloads = resident_payloads(home, plan.device) if group.resident else home.payloads()
         built.payloads.update(zip(names, payloads))
-        if group.streamed and streams_stores and store is not None:
-            built.stores.append(store)
-            built.store_weights.append(names)
     return built
+
+
+def resident_payloads(home: Arena | DiskGroup, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+    """A resident group's payloads where the model computes: copied to the GPU; in RAM when
+    computing on the CPU (the arena itself, or, from the disk tier, an arena read from the file)."""
+    if device.type == "cuda":
+        return [tuple(t.to(device) for t in payload) for payload in home.payloads()]
+    if isinstance(home, Arena):
+        return home.payloads()
+    arena = Arena(torch.empty(home.nbytes, dtype=torch.uint8), home.placements)  # the file's layout
+    read_exactly_into(home, arena.buffer)
+    return arena.payloads()
 
 
 def _arena(names, kinds, weights, source) -> Arena:

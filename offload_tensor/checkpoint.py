@@ -5,8 +5,8 @@ Reading goes straight from the file into memory we own (a host arena, a staging 
 tensor per weight. That needs each tensor's byte range, which the safetensors Python API does not
 expose, so the header is read here: 8 bytes (little-endian u64) of header size N, N bytes of
 JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the
-data, offsets counted from the end of the header. Writing uses safetensors itself, to a temporary
-file renamed into place, so a reader never sees a half-written file.
+data, offsets counted from the end of the header. Writing goes the same way, to a temporary
+file renamed into place, so a reader never sees a half-written file, with every tensor aligned.
 
 Checkpoints come as one `.safetensors` file, a folder of shards with their `*.index.json` (the
 layout transformers and diffusers save, e.g. `transformer/diffusion_pytorch_model-0000N-of-0000M
@@ -155,17 +155,42 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).reshape(-1).numpy()).cast("B")
 
 
-def write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file so that a reader sees the whole file or none: to a temporary file
-    in the same folder, then renamed over `path` (two processes writing the same file each rename
-    a complete one)."""
-    from safetensors.torch import save_file
+ALIGN = 64  # bytes: where a tensor starts in files we write, as the CPU allocator aligns memory
+PAD = "__pad__."  # names of the uint8 tensors that fill the gaps (safetensors allows no holes)
 
+
+def write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose tensors start at `ALIGN`-byte boundaries (so views of a
+    buffer read from it are as aligned as fresh tensors: some CPU kernels round differently on
+    unaligned data), so that a reader sees the whole file or none: to a temporary file in the
+    same folder, then renamed over `path` (two processes writing the same file each rename a
+    complete one). Plain safetensors: `safetensors.torch.load_file` reads it (with the padding
+    tensors)."""
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    header: dict = {"__metadata__": metadata}
+    chunks: list[torch.Tensor] = []
+    offset = 0
+    for name, t in tensors.items():
+        gap = -offset % ALIGN
+        if gap:
+            header[f"{PAD}{len(chunks)}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
+            chunks.append(torch.zeros(gap, dtype=torch.uint8))
+            offset += gap
+        t = t.detach().contiguous().cpu()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        chunks.append(t)
+        offset += t.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-(8 + len(encoded)) % ALIGN)  # the data starts aligned too
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)))
+            f.write(encoded)
+            for t in chunks:
+                if t.nbytes:
+                    f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,5 +1,7 @@
-"""The demo behind `offload-tensor demo`: a tiny Flux transformer, plain and wrapped, eager and
-compiled with compile_repeated_blocks(fullgraph=True), compared side by side.
+"""The demo behind `offload-tensor demo` (and `offload-tensor bench`): a tiny Flux transformer,
+plain and wrapped, eager and compiled with compile_repeated_blocks(fullgraph=True), compared side
+by side. On CUDA the wrapped model streams its weights from pinned host RAM; on the CPU from the
+disk tier (a temporary folder), so the demo moves weights on every machine.
 
 Random init from a small config (seeded); nothing is downloaded. Needs diffusers
 (`pip install offload-tensor[diffusers]`).
@@ -8,6 +10,7 @@ Random init from a small config (seeded); nothing is downloaded. Needs diffusers
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 
 import torch
@@ -36,10 +39,13 @@ def run(device: str | None = None, steps: int = 20, storage_dtype: torch.dtype |
 
     compute = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     inputs = tiny_flux_inputs(device=compute)
-    print(f"offload_tensor demo: tiny Flux transformer on {compute} (torch {torch.__version__})")
+    folder = tempfile.TemporaryDirectory(prefix="offload_tensor_demo_")
+    tier = "pinned host RAM" if compute.type == "cuda" else f"disk ({folder.name})"
+    print(f"offload_tensor demo: tiny Flux transformer on {compute}, weights streamed from {tier} (torch {torch.__version__})")
 
     plain = tiny_flux().to(compute)
-    wrapped = wrap_model_for_offload(tiny_flux(), device=compute, storage_dtype=storage_dtype)
+    offload = {} if compute.type == "cuda" else {"offload": "disk", "disk_path": folder.name}
+    wrapped = wrap_model_for_offload(tiny_flux(), device=compute, storage_dtype=storage_dtype, **offload)
     results: dict = {"device": str(compute)}
     rows = []
     for mode in ("eager", "compiled"):
@@ -81,3 +87,56 @@ def run(device: str | None = None, steps: int = 20, storage_dtype: torch.dtype |
     print()
     print(report)
     return results
+
+
+def bench(model: str = "flux-tiny", device: str | None = None, steps: int = 10) -> list[dict]:
+    """`offload-tensor bench`: step time of a tiny model, plain and wrapped (streamed from pinned
+    RAM on CUDA, from the disk tier on the CPU), eager and compiled, and the bandwidth the
+    weights move at on this machine. For the benchmarks behind the README's figures see bench/."""
+    import os
+
+    from offload_tensor import offload_report, wrap_model_for_offload
+    from offload_tensor.testing import tiny_wan, tiny_wan_inputs
+
+    build, make_inputs = (tiny_flux, tiny_flux_inputs) if model == "flux-tiny" else (tiny_wan, tiny_wan_inputs)
+    compute = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    inputs = make_inputs(device=compute)
+    folder = tempfile.TemporaryDirectory(prefix="offload_tensor_bench_")
+    offload = {} if compute.type == "cuda" else {"offload": "disk", "disk_path": folder.name}
+    rows = []
+    for compiled in (False, True):
+        plain = build().to(compute)
+        wrapped = wrap_model_for_offload(build(), device=compute, **offload)
+        if compiled:
+            plain.compile_repeated_blocks(fullgraph=True)
+            wrapped.compile_repeated_blocks(fullgraph=True)
+        _step_ms(plain, inputs, 2, compute)  # warm up: compile, learn the order
+        _step_ms(wrapped, inputs, 2, compute)
+        plain_ms, _ = _step_ms(plain, inputs, steps, compute)
+        wrapped_ms, _ = _step_ms(wrapped, inputs, steps, compute)
+        moved = offload_report(wrapped).streamed_per_step
+        rows.append(dict(mode="compiled" if compiled else "eager", plain_ms=plain_ms, wrapped_ms=wrapped_ms, moved=moved))
+    if compute.type == "cuda":
+        from offload_tensor.planner import measured_bandwidth
+        from offload_tensor.policy import Placement
+
+        bandwidth, what = measured_bandwidth(Placement(compute)), "pinned host-to-device"
+    else:
+        from offload_tensor.engine.disk import _aligned_empty
+
+        files = [os.path.join(folder.name, f) for f in os.listdir(folder.name)]
+        buffer = memoryview(_aligned_empty(sum(os.path.getsize(f) for f in files) + 4096).numpy())
+        start, total = time.perf_counter(), 0
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # read from the disk, not the page cache
+            total += os.preadv(fd, [buffer[total:]], 0)
+            os.close(fd)
+        bandwidth, what = total / (time.perf_counter() - start), "disk read (page cache dropped)"
+    print(f"offload_tensor bench: {model} on {compute}, {steps} steps per configuration (torch {torch.__version__})")
+    print(f"{'':10} {'plain ms/step':>14} {'wrapped ms/step':>16} {'moved per step':>15}")
+    for row in rows:
+        print(f"{row['mode']:10} {row['plain_ms']:>14.3f} {row['wrapped_ms']:>16.3f} {row['moved'] / 1024:>12.1f} KiB")
+    print(f"bandwidth: {bandwidth / 1e9:.2f} GB/s, {what} (tiny models move tiny groups: their step time is "
+          "dominated by per-op costs, not by the bus)")
+    return rows

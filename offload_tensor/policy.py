@@ -75,22 +75,25 @@ class Streaming:
 @dataclass(frozen=True)
 class Placement:
     """Where the model computes (`device`) and where weights live between uses: `offload="cpu"`
-    (host RAM) or `"disk"` (files under `disk_path`). `budget`: bytes of weights that may stay
-    resident where the model computes (None: as the tier implies)."""
+    (host RAM) or `"disk"` (files under `disk_path`). `budget`: bytes the weights may take where
+    the model computes, resident groups and the streaming slots together, of which `reserve` is
+    kept free (for activations); None: nothing resident on a GPU, everything resident in RAM."""
 
     device: torch.device
     offload: str = "cpu"
     disk_path: Path | None = None
     budget: int | None = None
+    reserve: int = 0
 
     @property
     def resident_tier(self) -> str:
         return "device" if self.device.type == "cuda" else "ram"
 
 
-def placement(device, offload, disk_path, budget=None) -> Placement:
-    """The placement for the arguments of wrap_model_for_offload (validated; resolves `device`)."""
-    compute = compute_device(device)
+def placement(device, offload, disk_path, budget=None, reserve=0, check_device: bool = True) -> Placement:
+    """The placement for the arguments of wrap_model_for_offload (validated; resolves `device`).
+    `check_device=False`: a plan for a device this machine may not have."""
+    compute = compute_device(device) if check_device else _planned_device(device)
     if isinstance(offload, torch.device):
         offload = str(offload)
     if isinstance(offload, os.PathLike) or (
@@ -109,7 +112,21 @@ def placement(device, offload, disk_path, budget=None) -> Placement:
             raise ValueError(f"disk_path={os.fspath(disk_path)!r} is a file; pass a folder (created if missing).")
     elif disk_path is not None:
         raise ValueError(f"disk_path={os.fspath(disk_path)!r} is given but offload={offload!r}; pass offload='disk'.")
-    return Placement(compute, offload, disk_path, None if budget is None else parse_bytes(budget, "budget"))
+    budget = None if budget is None else parse_bytes(budget, "budget")
+    reserve = parse_bytes(reserve, "reserve")
+    if budget is None and reserve:
+        raise ValueError(f"reserve={reserve} applies within a budget; pass budget= too.")
+    return Placement(compute, offload, disk_path, budget, reserve)
+
+
+def _planned_device(device) -> torch.device:
+    try:
+        resolved = torch.device(device if device is not None else "cuda")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device; use 'cuda', 'cuda:N' or 'cpu'.") from e
+    if resolved.type not in ("cuda", "cpu"):
+        raise ValueError(f"device={device!r}: offload_tensor computes on 'cuda' or 'cpu'.")
+    return resolved
 
 
 _announced_cpu = False

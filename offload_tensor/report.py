@@ -5,17 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from torch import nn
-
+from offload_tensor.planner import format_bytes
 from offload_tensor.tensor import OffloadedTensor
 from offload_tensor.wrap import offload_state
-
-
-def format_bytes(n: int) -> str:
-    for unit, size in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 @dataclass(frozen=True)
@@ -62,13 +54,61 @@ class OffloadReport:
         return "\n".join(lines)
 
 
-def offload_report(model: nn.Module) -> OffloadReport:
-    """Where the bytes of a wrapped model are.
+@dataclass(frozen=True)
+class PipelineReport:
+    """A pipeline's report: each component's, and their total (`total`)."""
+
+    components: dict[str, OffloadReport]
+    total: OffloadReport
+
+    @property
+    def summary(self) -> str:
+        return self.total.summary
+
+    def __str__(self) -> str:
+        lines = [f"pipeline total: {self.total.summary}"]
+        lines += [f"  {name}: {report.summary}" for name, report in self.components.items()]
+        return "\n".join(lines)
+
+
+def _total(reports: list[OffloadReport]) -> OffloadReport:
+    def add(key: str) -> dict[str, int]:
+        out: Counter[str] = Counter()
+        for r in reports:
+            out.update(getattr(r, key))
+        return dict(out)
+
+    return OffloadReport(
+        compute_device=", ".join(sorted({r.compute_device for r in reports})),
+        by_tier=add("by_tier"),
+        by_kind=add("by_kind"),
+        resident_bytes=sum(r.resident_bytes for r in reports),
+        offloaded_bytes=sum(r.offloaded_bytes for r in reports),
+        pinned_bytes=sum(r.pinned_bytes for r in reports),
+        streamed_per_step=sum(r.streamed_per_step for r in reports),
+        by_device=add("by_device"),
+    )
+
+
+def offload_report(model):
+    """Where the bytes of a wrapped model are; for a pipeline, of each wrapped component and in
+    total (a PipelineReport).
 
     Example:
         >>> print(offload_report(wrap_model_for_offload(model)).summary)
-        loaded partially: 12.0 KB resident on cuda:0, 45.8 MB offloaded (weights: ram 45.8 MB)
+        loaded partially: 12.0 KiB resident on cuda:0, 45.8 MiB offloaded (weights: ram 45.8 MiB)
     """
+    from offload_tensor import integrations
+    from offload_tensor.wrap import is_wrapped
+
+    parts = integrations.components(model)
+    if parts is not None:
+        wrapped = {name: offload_report(c) for name, c in parts.items() if is_wrapped(c)}
+        if not wrapped:
+            raise ValueError(
+                f"offload_report: no component of {type(model).__name__} is wrapped; call wrap_pipeline_for_offload(pipe) first."
+            )
+        return PipelineReport(wrapped, _total(list(wrapped.values())))
     state = offload_state(model, "offload_report")
     compute = str(state.compute_device)
     resident_tier = state.plan.placement.resident_tier

@@ -1,8 +1,9 @@
-"""Fixtures for tests, benchmarks and the demo: tiny seeded diffusers models built from small
-configs (nothing downloaded), their inputs, and an engine that records what it fetches.
+"""Fixtures for tests, examples, benchmarks and the demo: tiny seeded diffusers models and whole
+pipelines built from small configs (nothing downloaded), their inputs, and an engine that
+records what it fetches.
 
-Not part of the library's working path: nothing in offload_tensor imports this module except the
-demo.
+Not part of the library's working path: only the demo and the catalog of known models (its tiny
+configs) import it.
 """
 
 from __future__ import annotations
@@ -80,6 +81,83 @@ def tiny_flux_inputs(seed: int = 0, device: str | torch.device = "cpu") -> dict:
         txt_ids=torch.randn(8, 3, generator=g),
     )
     return {k: v.to(device) for k, v in inputs.items()} | {"return_dict": False}
+
+
+# -- tiny pipelines, built offline: seeded tiny components and word-level tokenizers made here, in
+# the shapes diffusers' own pipeline tests use
+def word_tokenizer(max_length: int):
+    """A fast tokenizer over a small word vocabulary: all the pipelines need of a tokenizer
+    (padding, truncation, ids, decode)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "</s>", "a", "cat", "dog", "on", "the", "moon", "photo", "of", "red", "blue", "sky"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", eos_token="</s>", model_max_length=max_length
+    )
+
+
+def tiny_flux_pipeline():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=32, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=4, projection_dim=32, max_position_embeddings=77,
+                                        bos_token_id=0, eos_token_id=2, pad_token_id=0)).eval()  # fmt: skip
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=32, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 decoder_start_token_id=0)).eval()  # fmt: skip
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, shift_factor=0.0609, scaling_factor=1.5035).eval()  # fmt: skip
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=word_tokenizer(77),
+        text_encoder_2=t5,
+        tokenizer_2=word_tokenizer(16),
+        transformer=tiny_flux(),
+    )
+
+
+def flux_call(seed: int = 0) -> dict:
+    return dict(prompt="a photo of a cat on the moon", num_inference_steps=2, guidance_scale=3.5, height=32, width=32,
+                max_sequence_length=16, output_type="pt", generator=torch.Generator().manual_seed(seed))  # fmt: skip
+
+
+def tiny_wan_pipeline():
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()  # fmt: skip
+    torch.manual_seed(0)
+    umt5 = UMT5EncoderModel(UMT5Config(vocab_size=32, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                       decoder_start_token_id=0)).eval()  # fmt: skip
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32).eval()  # fmt: skip
+    return WanPipeline(
+        tokenizer=word_tokenizer(16),
+        text_encoder=umt5,
+        vae=vae,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+    )
+
+
+def wan_call(seed: int = 0) -> dict:
+    return dict(prompt="a red cat", negative_prompt="blue sky", height=16, width=16, num_frames=9,
+                num_inference_steps=2, guidance_scale=6.0, max_sequence_length=16, output_type="pt",
+                generator=torch.Generator().manual_seed(seed))  # fmt: skip
 
 
 class RecordingEngine(SynchronousEngine):

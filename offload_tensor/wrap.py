@@ -18,24 +18,41 @@ import functools
 import logging
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from offload_tensor import integrations, ops
-from offload_tensor.build import CheckpointSource, ModelSource, build
+from offload_tensor.build import Built, CheckpointSource, ModelSource, build, resident_payloads
 from offload_tensor.checkpoint import CheckpointError, checkpoint_files, index
 from offload_tensor.engine import Engine, SynchronousEngine
 from offload_tensor.payloads import SUPPORTED, leaves, subclass_kind
-from offload_tensor.plan import Plan, make_plan, named_parameter_slots, unique_weights
-from offload_tensor.policy import Placement, Storage, Streaming, placement
+from offload_tensor.planner import (
+    Plan,
+    budget_and_ram,
+    check_ram,
+    choose_resident,
+    format_bytes,
+    make_plan,
+    named_parameter_slots,
+    unique_weights,
+)
+from offload_tensor.policy import Placement, Storage, Streaming, compute_device, parse_bytes, placement
 from offload_tensor.tensor import OffloadedTensor, RefusedOpError
 
 log = logging.getLogger("offload_tensor")
 
-__all__ = ["OffloadState", "is_wrapped", "named_parameter_slots", "offload_state", "unwrap_model", "wrap_model_for_offload"]
+__all__ = [
+    "OffloadState",
+    "is_wrapped",
+    "named_parameter_slots",
+    "offload_state",
+    "set_budget",
+    "unwrap_model",
+    "wrap_model_for_offload",
+]
 
 
 @dataclass
@@ -48,6 +65,8 @@ class OffloadState:
     # wrapping; by name, not id, so that a deep copy of the model can be unwrapped too
     originals: dict[str, tuple[torch.device, bool, bool]]
     buffer_devices: dict[tuple[nn.Module, str], torch.device]  # (module, buffer name) -> device before
+    built: Built  # each group's home (for set_budget) and each weight's payload kind
+    weights: dict[str, OffloadedTensor]  # the installed weights, by the plan's names
     tier_of_key: dict[int, str] = field(default_factory=dict)  # where each streamed weight lives
     hook_handles: list = field(default_factory=list)
     undo: list = field(default_factory=list)  # what the integrations installed
@@ -77,6 +96,9 @@ def wrap_model_for_offload(
     offload: str | os.PathLike = "cpu",
     disk_path: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
+    budget: int | str | None = None,
+    max_memory: dict | None = None,
+    reserve: int | str = 0,
     storage_dtype: torch.dtype | None = None,
     fp8_scale: str = "channel",
     prefetch: int = 1,
@@ -98,6 +120,15 @@ def wrap_model_for_offload(
             folder of shards with their `*.index.json` (diffusers' `transformer/` folder layout).
             Read straight into host memory (or the disk tier); every key, shape and dtype is
             checked before anything is read.
+        budget: bytes (or "10GiB") the weights may take where the model computes: as many groups
+            as fit stay resident there (zero-copy, chosen to stream the fewest bytes per step)
+            beside the streaming slots ((prefetch + 1) x the largest streamed group); the rest
+            stream from `offload`. On CUDA the device memory; computing on the CPU with
+            offload="disk", the RAM. Below the minimum (every group streamed) is an error that
+            says the minimum. `set_budget(model, ...)` changes it later.
+        max_memory: accelerate's form, `{"cuda:0": "10GiB", "cpu": "30GiB"}`: the device's entry is
+            the budget; "cpu" bounds the host RAM the weights may take.
+        reserve: bytes of the budget kept free (for activations).
         storage_dtype: `torch.float8_e4m3fn` or `torch.float8_e5m2` stores matrices and conv
             kernels in fp8 with a float32 scale, dequantized on fetch; biases, norms and other
             1-d weights keep their dtype. The exposed dtype stays the compute dtype.
@@ -121,7 +152,13 @@ def wrap_model_for_offload(
         raise TypeError(f"wrap_model_for_offload expects an nn.Module, got {type(model).__name__}.")
     storage = Storage(storage_dtype, fp8_scale)
     streaming = Streaming(prefetch, pin_memory, granularity)
-    where = placement(device, offload, disk_path)
+    budget, ram = budget_and_ram(budget, None, max_memory, device if device is not None else compute_device(None))
+    where = placement(device, offload, disk_path, budget, reserve)
+    if budget is not None and where.device.type == "cpu" and where.offload == "cpu" and engine is None:
+        raise ValueError(
+            "budget= limits what stays where the model computes, but computing on the CPU with offload='cpu' every "
+            "weight is there already; to keep part of the model on disk, pass offload='disk' (disk_path=...)."
+        )
     if is_wrapped(model):
         raise ValueError(
             f"{type(model).__name__} is already wrapped by offload_tensor; call unwrap_model(model) before "
@@ -136,6 +173,8 @@ def wrap_model_for_offload(
 
     # -- plan and build -------------------------------------------------------------------------
     plan = make_plan(model, storage, streaming, where, always_fetch=engine is not None)
+    if checkpoint is not None or ram is not None:  # a model loaded already holds its weights in RAM
+        check_ram(plan.host_bytes, ram if ram is not None else available_ram(), where)
     if engine is None:
         engine = _default_engine(where, plan)
     streams_stores = hasattr(engine, "prepare")
@@ -143,7 +182,8 @@ def wrap_model_for_offload(
         built = build(model, plan, weights, source, streams_stores)
         keys = {n: ops.new_key() for g in plan.groups if g.streamed for n in g.weights}
         if streams_stores:
-            engine.prepare(built.stores, streaming.prefetch, [[int(keys[n]) for n in names] for names in built.store_weights])
+            stores, names = built.stores(plan)
+            engine.prepare(stores, streaming.prefetch, [[int(keys[n]) for n in ns] for ns in names])
         wrapped = {
             name: nn.Parameter(
                 OffloadedTensor(built.payloads[name], built.kinds[name], w.dtype, where.device, keys.get(name)),
@@ -159,7 +199,9 @@ def wrap_model_for_offload(
         engine=engine,
         originals={n: (leaves(w)[0].device, w.requires_grad, w.is_inference()) for n, w in weights.items()},
         buffer_devices={(module, name): before for module, name, before, _ in buffers},
-        tier_of_key={int(keys[n]): g.tier for g in plan.groups if g.streamed for n in g.weights},
+        built=built,
+        weights=dict(wrapped),
+        tier_of_key={int(keys[n]): g.home for g in plan.groups if g.streamed for n in g.weights},
     )
     by_id = {id(w): wrapped[n] for n, w in weights.items()}
     for _, module, name, param in slots:
@@ -178,6 +220,82 @@ def wrap_model_for_offload(
     _install_assignment_hook()
     model.__dict__["_offload_state"] = state
     return model
+
+
+def set_budget(model: nn.Module, budget: int | str, *, reserve: int | str = 0) -> Plan:
+    """Plan a wrapped model again for another budget, without wrapping it again: groups move
+    between resident (where the model computes) and streamed (from their home). Returns the new
+    plan. A compiled model does not recompile once it has run a resident and a streamed block of
+    each kind (`compile_repeated_blocks`); with `torch.compile` of the whole model each new
+    pattern of resident groups is a graph of its own.
+
+    Example:
+        >>> set_budget(model, "8GiB")   # e.g. to make room for a bigger batch
+    """
+    state = offload_state(model, "set_budget")
+    old = state.plan
+    if any(home is None for home in state.built.homes):
+        raise ValueError(
+            f"set_budget: {type(model).__name__} computes on {old.device} with its weights where they are; a budget "
+            "needs a tier to stream from (CUDA, or offload='disk')."
+        )
+    where = Placement(old.device, old.placement.offload, old.placement.disk_path, parse_bytes(budget, "budget"),
+                      parse_bytes(reserve, "reserve"))  # fmt: skip
+    resident = choose_resident([g.nbytes for g in old.groups], where.budget - where.reserve, old.streaming.prefetch)
+    plan = Plan(old.device, tuple(replace(g, resident=i in resident) for i, g in enumerate(old.groups)), old.storage,
+                old.streaming, where, old.leaf_bytes, old.name)  # fmt: skip
+    if plan.device_bytes + where.reserve > where.budget:
+        raise ValueError(
+            f"budget={format_bytes(where.budget)} is below the minimum for {plan.name}: {format_bytes(plan.minimum_budget)} "
+            "(every group streamed). Raise the budget, or wrap again with a lower prefetch or granularity='leaf'."
+        )
+    with torch.inference_mode(False):
+        keys, payloads = {}, {}
+        for group, home in zip(plan.groups, state.built.homes):
+            group_payloads = resident_payloads(home, plan.device) if group.resident else home.payloads()
+            for name, payload in zip(group.weights, group_payloads):
+                payloads[name] = payload
+                if group.streamed:
+                    keys[name] = ops.new_key()
+        engine = state.engine
+        stores, names = state.built.stores(plan)
+        if stores and not hasattr(engine, "replan"):
+            engine = _default_engine(where, plan)
+        if stores:
+            prepare = engine.replan if engine is state.engine else engine.prepare
+            prepare(stores, plan.streaming.prefetch, [[int(keys[n]) for n in ns] for ns in names])
+        new = {
+            name: nn.Parameter(
+                OffloadedTensor(payloads[name], w._kind, w.dtype, w._compute_device, keys.get(name), w.shape, w.stride()),
+                requires_grad=False,
+            )
+            for name, w in state.weights.items()
+        }
+    by_id = {id(w): new[name] for name, w in state.weights.items()}
+    slots = list(named_parameter_slots(model))
+    for _, _, _, w in slots:
+        if isinstance(w, OffloadedTensor) and w._key is not None:
+            ops.unregister_engine(int(w._key), state.engine)
+    for _, module, name, param in slots:
+        if id(param) in by_id:
+            setattr(module, name, by_id[id(param)])  # an offloaded weight: installed, not written through
+    if engine is not state.engine and hasattr(state.engine, "close"):
+        state.engine.close()
+    ops.register_engine((int(k) for k in keys.values()), engine)
+    state.engine, state.plan, state.weights = engine, plan, new
+    state.tier_of_key = {int(keys[n]): g.home for g in plan.groups if g.streamed for n in g.weights}
+    return plan
+
+
+def available_ram() -> int:
+    """Memory the OS can give without swapping (MemAvailable), or the physical memory."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -144,3 +144,35 @@ def test_jit_trace_is_a_clear_error_and_unwrap_makes_it_work(payload):
         torch.jit.trace(model, x)
     traced = torch.jit.trace(unwrap_model(model), x)
     assert torch.equal(traced(x), model(x))
+
+
+@pytest.mark.parametrize("family", ["mha", "encoder-layer"])
+def test_attention_fast_path_difference_is_as_stated_in_the_readme(family):
+    """nn.MultiheadAttention / TransformerEncoderLayer skip their fused eval fast path when an
+    argument has __torch_function__ (our weights do): a documented rounding difference."""
+    build = {
+        "mha": lambda: nn.MultiheadAttention(16, 2, batch_first=True),
+        "encoder-layer": lambda: nn.TransformerEncoderLayer(16, 2, 32, batch_first=True),
+    }[family]
+    torch.manual_seed(0)
+    plain = build().eval()
+    torch.manual_seed(0)
+    model = wrap(build().eval(), "fetched")
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        run = (lambda m: m(x, x, x)[0]) if family == "mha" else (lambda m: m(x))
+        diff = (run(model) - run(plain)).abs().max().item()
+    print(f"\nmeasured {family} fast-path difference: {diff:.1e}")
+    assert diff <= 5e-7
+
+
+@pytest.mark.parametrize("shape,dims", [((5, 2, 16), (0, 1)), ((3, 5, 2, 16), (1, 2))])
+def test_linear_on_non_contiguous_input_is_bit_exact(shape, dims):
+    torch.manual_seed(0)
+    plain = nn.Linear(16, 8)
+    model = wrap(nn.Linear(16, 8), "fetched")
+    model.load_state_dict(plain.state_dict())
+    x = torch.randn(*shape).transpose(*dims)
+    assert torch.equal(model(x), plain(x))  # grad mode: the plain weight requires grad, ours does not
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))

@@ -98,7 +98,7 @@ def test_report_counts_every_payload_byte_once():
     report = offload_report(wrap_model_for_offload(model))
     assert report.by_kind["plain"] == weight_bytes
     assert report.resident_bytes == weight_bytes + buffer_bytes and report.offloaded_bytes == 0
-    assert report.summary.startswith("loaded completely:") and "KB resident on cpu" in str(report)
+    assert report.summary.startswith("loaded completely:") and "KiB resident on cpu" in str(report)
 
 
 def test_no_cuda_says_so_once(caplog):
@@ -194,8 +194,11 @@ def test_group_offloading_after_wrapping_is_refused():
     model = wrap_model_for_offload(FLUX.make())
     # Group offloading moves weights to its offload device with `param.data = ...`: the meta
     # device stands in for the CPU of a CUDA machine (a cpu -> cpu move is a no-op here).
-    with pytest.raises(RefusedOpError, match="do not combine it with offload_tensor"):
+    with pytest.raises(RefusedOpError, match="enable_group_offload.*already offloaded.*unwrap_model"):
         model.enable_group_offload(torch.device("cpu"), offload_device=torch.device("meta"), offload_type="leaf_level")
+    # moving weights with `param.data =` behind the wrapper's back, as group offloading does, is refused too
+    with pytest.raises(RefusedOpError, match="do not combine it with offload_tensor"):
+        model.proj_out.weight.data = torch.zeros_like(model.proj_out.weight.materialize())
 
 
 def test_wrapping_a_block_of_a_wrapped_model_is_refused():

@@ -51,6 +51,7 @@ class CudaBackend:
         through `copy_from` (the disk tier's staging buffers)."""
         self.arenas = list(arenas)
         self.key_index = {key: (g, i) for g, group_keys in enumerate(keys) for i, key in enumerate(group_keys)}
+        _unregister(self.pinned)  # a new plan of the same model (set_budget) pins its own set
         if self.pin_memory:
             self._pin([a for a in self.arenas if isinstance(a, Arena)])
         largest = max((a.nbytes for a in self.arenas), default=0)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import weakref
 from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,6 +56,15 @@ class DiskGroup:
                 self._map = mmap.mmap(f.fileno(), 0)
         flat = torch.frombuffer(self._map, dtype=torch.uint8)[self.offset : self.offset + self.nbytes]
         return [tuple(p.view(flat) for p in weight) for weight in self.placements]
+
+
+def read_exactly_into(group: DiskGroup, arena: torch.Tensor) -> None:
+    """Copy a group's bytes from its file into `arena` (laid out as the group's placements)."""
+    fd = os.open(group.path, os.O_RDONLY)
+    try:
+        read_exactly(fd, memoryview(arena[: group.nbytes].numpy()), group.offset, str(group.path))
+    finally:
+        os.close(fd)
 
 
 def layout_hash(names: Sequence[str], payloads: Sequence[Sequence[tuple]]) -> str:
@@ -119,12 +129,80 @@ def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
+IO_ALIGN = 4096  # direct I/O needs buffer, offset and length aligned to the device's block size
+
+
+def _aligned_empty(nbytes: int) -> torch.Tensor:
+    raw = torch.empty(nbytes + IO_ALIGN, dtype=torch.uint8)
+    skip = -raw.data_ptr() % IO_ALIGN
+    return raw[skip : skip + nbytes]
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+def _shut(reader: ThreadPoolExecutor, files: _Files) -> None:
+    reader.shutdown(wait=True)
+    files.close()
+
+
+class _BufferPool:
+    """Read buffers, reused once nothing holds them any more.
+
+    A group's weights are handed over as views of its buffer, so the buffer is free exactly when
+    its storage has no user left but the pool: `_storage_Use_Count` counts every tensor (and
+    autograd's saved tensors) over the storage, in C++, which Python reference counts would miss.
+    Reuse spares the kernel zeroing fresh pages for every read (a large part of a step's CPU time
+    on a small machine). Free buffers are kept up to `keep_bytes` (one group's worth), so the pool
+    adds at most that to the memory the model holds."""
+
+    def __init__(self, keep_bytes: int) -> None:
+        self.keep_bytes = keep_bytes
+        self.buffers: list[_Buffer] = []  # oldest use first
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        idle = [b for b in self.buffers if b.idle]
+        fits = [b for b in idle if b.tensor.numel() >= nbytes]
+        if fits:
+            chosen = min(fits, key=lambda b: b.tensor.numel())
+            idle = [b for b in idle if b is not chosen]
+        else:
+            chosen = _Buffer(_aligned_empty(nbytes))
+        spare = sum(b.tensor.numel() for b in idle)
+        dropped = set()
+        for b in idle:  # oldest first: give back what exceeds one group's worth
+            if spare <= self.keep_bytes:
+                break
+            dropped.add(id(b))
+            spare -= b.tensor.numel()
+        self.buffers = [b for b in self.buffers if id(b) not in dropped and b is not chosen] + [chosen]
+        return chosen.tensor[:nbytes]
+
+
+class _Buffer:
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.idle_count = _use_count(tensor)  # nothing but the pool holds it
+
+    @property
+    def idle(self) -> bool:
+        return _use_count(self.tensor) == self.idle_count
+
+
+def _use_count(t: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
 class _Files:
-    """One read-only descriptor per file, opened once; preadv takes explicit offsets, so one
-    descriptor serves every thread."""
+    """Descriptors per file, opened once (preadv takes explicit offsets: one descriptor serves
+    every thread). Group reads use direct I/O where the file system has it: the bytes go from the
+    disk into our buffer without a copy through the page cache, which costs CPU time the compute
+    would otherwise have (and the page cache never holds the model)."""
 
     def __init__(self) -> None:
         self.fds: dict[Path, int] = {}
+        self.direct: dict[Path, int | None] = {}
 
     def fd(self, path: Path) -> int:
         fd = self.fds.get(path)
@@ -132,10 +210,36 @@ class _Files:
             fd = self.fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
+    def read(self, path: Path, buffer: torch.Tensor, offset: int, needed: int) -> None:
+        """Read at least `needed` bytes at `offset` into `buffer` (aligned, for direct I/O)."""
+        direct = self.direct.get(path, 0)
+        if direct == 0:
+            try:
+                direct = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0)) if hasattr(os, "O_DIRECT") else None
+            except OSError:  # tmpfs and others refuse O_DIRECT
+                direct = None
+            self.direct[path] = direct
+        view, done = _bytes(buffer), 0
+        if direct is not None:
+            try:
+                while done < needed:
+                    n = os.preadv(direct, [view[done:]], offset + done)
+                    if n == 0 or n % 512:
+                        done += n
+                        break  # the end of the file
+                    done += n
+            except OSError:  # EINVAL: this file system refuses the alignment after all
+                os.close(direct)
+                self.direct[path] = None
+                done = 0
+        if done < needed:
+            read_exactly(self.fd(path), view[done:needed], offset + done, str(path))
+
     def close(self) -> None:
-        for fd in self.fds.values():
+        for fd in [*self.fds.values(), *(d for d in self.direct.values() if d)]:
             os.close(fd)
         self.fds.clear()
+        self.direct.clear()
 
 
 class DiskBackend:
@@ -147,27 +251,27 @@ class DiskBackend:
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="offload_tensor-disk")
         self.slots: list[Future | None] = []
         self.bytes_read = 0
+        # A model dropped without unwrap_model: its descriptors and reader thread go with it.
+        weakref.finalize(self, _shut, self.reader, self.files)
 
     def prepare(self, groups: Sequence[DiskGroup], keys: Sequence[Sequence[Hashable]], slots: int) -> None:
         self.groups = list(groups)
+        self.buffers = _BufferPool(keep_bytes=max((g.nbytes for g in self.groups), default=0) + IO_ALIGN)
         self.key_index = {key: (g, i) for g, group_keys in enumerate(keys) for i, key in enumerate(group_keys)}
         self.keys = [list(k) for k in keys]
         self.slots = [None] * slots
 
     def _load(self, group: int) -> dict[Hashable, list[torch.Tensor]]:
+        """The group's bytes, read in one go into a fresh buffer; each weight's tensors are views
+        of it, handed over once (nothing keeps the buffer after that, see the module doc)."""
         g = self.groups[group]
-        fd = self.files.fd(g.path)
-        loaded = {}
-        for key, weight in zip(self.keys[group], g.placements):
-            tensors = []
-            for p in weight:
-                t = torch.empty(p.shape, dtype=p.dtype)
-                if t.nbytes:
-                    read_exactly(fd, memoryview(t.view(torch.uint8).reshape(-1).numpy()), g.offset + p.offset, str(g.path))
-                tensors.append(t)
-            loaded[key] = tensors
+        start = g.offset // IO_ALIGN * IO_ALIGN
+        end = -(-(g.offset + g.nbytes) // IO_ALIGN) * IO_ALIGN
+        buffer = self.buffers.take(end - start)
+        self.files.read(g.path, buffer, start, needed=g.offset + g.nbytes - start)
+        flat = buffer[g.offset - start :]
         self.bytes_read += g.nbytes
-        return loaded
+        return {key: [p.view(flat) for p in weight] for key, weight in zip(self.keys[group], g.placements)}
 
     def copy(self, group: int, slot: int, wait_for) -> Future:
         # Release events are None here: compute on the CPU has finished every read by the time
@@ -188,12 +292,10 @@ class DiskBackend:
         tensors = future.result().pop(key, None)
         if tensors is None:  # read twice while in its slot (a tied weight): read it again
             g, i = self.key_index[key]
-            fd = self.files.fd(self.groups[g].path)
             tensors = []
             for p in self.groups[g].placements[i]:
                 t = torch.empty(p.shape, dtype=p.dtype)
-                if t.nbytes:
-                    read_exactly(fd, memoryview(t.view(torch.uint8).reshape(-1).numpy()), self.groups[g].offset + p.offset, "")
+                read_exactly(self.files.fd(self.groups[g].path), _bytes(t), self.groups[g].offset + p.offset, "")
                 tensors.append(t)
         return tensors
 
@@ -215,6 +317,12 @@ class DiskBackend:
         return 0
 
 
+def _aligned_pinned(nbytes: int, pin: bool) -> torch.Tensor:
+    raw = torch.empty(nbytes + IO_ALIGN, dtype=torch.uint8, pin_memory=pin)
+    skip = -raw.data_ptr() % IO_ALIGN
+    return raw[skip : skip + nbytes]
+
+
 class DiskCudaBackend:
     """Computing on CUDA from the disk tier: a background thread reads a group into a pinned
     staging buffer (one per slot), then the copy stream moves it into the device slot; a staging
@@ -228,11 +336,12 @@ class DiskCudaBackend:
         self.files = _Files()
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="offload_tensor-disk")
         self.bytes_read = 0
+        weakref.finalize(self, _shut, self.reader, self.files)
 
     def prepare(self, groups: Sequence[DiskGroup], keys: Sequence[Sequence[Hashable]], slots: int) -> None:
         self.groups = list(groups)
-        largest = max((g.nbytes for g in self.groups), default=0)
-        self.staging = [torch.empty(largest, dtype=torch.uint8, pin_memory=self.cuda.pin_memory) for _ in range(slots)]
+        largest = max((g.nbytes for g in self.groups), default=0) + 2 * IO_ALIGN  # room to align the read
+        self.staging = [_aligned_pinned(largest, self.cuda.pin_memory) for _ in range(slots)]
         self.staged: list[torch.cuda.Event | None] = [None] * slots  # the last copy out of each staging buffer
         self.cuda.prepare(self.groups, keys, slots)  # device slots, key index, placements (no arenas to pin)
 
@@ -241,8 +350,9 @@ class DiskCudaBackend:
             g = self.groups[group]
             if self.staged[slot] is not None:
                 self.staged[slot].synchronize()  # this staging buffer's previous copy left it
-            staging = self.staging[slot][: g.nbytes]
-            read_exactly(self.files.fd(g.path), memoryview(staging.numpy()), g.offset, str(g.path))
+            start = g.offset // IO_ALIGN * IO_ALIGN
+            self.files.read(g.path, self.staging[slot], start, needed=g.offset + g.nbytes - start)
+            staging = self.staging[slot][g.offset - start : g.offset - start + g.nbytes]
             self.bytes_read += g.nbytes
             ready = self.cuda.copy_from(staging, slot, wait_for)
             self.staged[slot] = ready

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-ALIGN = 16  # bytes; enough for every dtype's alignment
+ALIGN = 64  # bytes: as the CPU allocator aligns tensors (some kernels round differently on unaligned data)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,17 @@ class StreamingEngine:
         disk-tier group file."""
         if self.scheduler is not None:
             raise ValueError("this StreamingEngine already serves a model; create one engine per wrapped model.")
+        self._serve(stores, prefetch, keys)
+
+    def replan(self, stores: Sequence[Arena | DiskGroup], prefetch: int, keys: Sequence[Sequence[int]]) -> None:
+        """Serve another set of groups of the same model (set_budget): in-flight copies finish
+        first; the order is learnt again."""
+        with self._lock:
+            if hasattr(self.backend, "quiesce"):
+                self.backend.quiesce()
+            self._serve(stores, prefetch, keys)
+
+    def _serve(self, stores, prefetch: int, keys) -> None:
         self.stores = list(stores)
         self.backend.prepare(self.stores, keys, prefetch + 1)
         group_of = {key: g for g, group_keys in enumerate(keys) for key in group_keys}

@@ -22,6 +22,19 @@ def _nothing(*args) -> None:
     return None
 
 
+class RemoveAttributes:
+    """An undo that removes instance attributes an integration set (a value, not a closure, so a
+    wrapped model still pickles and deep-copies)."""
+
+    def __init__(self, modules: list, names: tuple[str, ...]) -> None:
+        self.modules, self.names = modules, names
+
+    def __call__(self) -> None:
+        for module in self.modules:
+            for name in self.names:
+                module.__dict__.pop(name, None)
+
+
 @dataclass(frozen=True)
 class Integration:
     """One library's part in wrapping.
@@ -35,6 +48,8 @@ class Integration:
     opaque(cls): whether such a payload cannot be rebuilt inside a compiled graph (see [Note:
         opaque linear] in ops.py).
     blocks(model): class names of the model's repeated blocks (grouped into one copy each).
+    components(obj): the models of a pipeline by name, when `obj` is one of the library's
+        pipelines; None otherwise.
     """
 
     name: str
@@ -44,6 +59,7 @@ class Integration:
     carries: Callable[[type], bool] = lambda cls: False
     opaque: Callable[[type], bool] = lambda cls: False
     blocks: Callable[[nn.Module], Iterable[str]] = lambda model: ()
+    components: Callable[[object], dict[str, nn.Module] | None] = lambda obj: None
 
     @property
     def active(self) -> bool:
@@ -87,3 +103,16 @@ def opaque(cls: type) -> bool:
 
 def block_names(model: nn.Module) -> set[str]:
     return {name for integration in active() for name in integration.blocks(model)}
+
+
+def components(obj: object) -> dict[str, nn.Module] | None:
+    """The models of a pipeline (by component name), or None when `obj` is not a pipeline."""
+    for integration in active():
+        found = integration.components(obj)
+        if found is not None:
+            return found
+    return None
+
+
+# The libraries offload_tensor knows; each module registers its Integration.
+from offload_tensor.integrations import accelerate, diffusers, quanto, torchao, transformers  # noqa: E402, F401, I001

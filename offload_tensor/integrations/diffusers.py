@@ -11,12 +11,14 @@
 
 from __future__ import annotations
 
+import functools
 import types
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from offload_tensor.integrations import Integration, from_library, register
+from offload_tensor.integrations import Integration, RemoveAttributes, from_library, register
 
 _FOREIGN_HOOKS = ("group_offloading", "lazy_prefetch_group_offloading", "layer_execution_tracker", "layerwise_casting")
 
@@ -41,10 +43,19 @@ def blocks(model: nn.Module) -> list[str]:
 
 
 def install(model: nn.Module):
-    if getattr(model, "hf_quantizer", None) is None:
+    """Instance methods on a wrapped diffusers model: `dequantize` (quantized models), and a clear
+    refusal of diffusers' own offloading and casting."""
+    if not from_library(model, "diffusers"):
         return None
-    model.__dict__["dequantize"] = types.MethodType(dequantize, model)
-    return lambda: model.__dict__.pop("dequantize", None)
+    added = []
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.__dict__["dequantize"] = functools.partial(dequantize, model)
+        added.append("dequantize")
+    for method in _REFUSED_ON_MODELS:
+        if hasattr(model, method):
+            model.__dict__[method] = _Refused(method, type(model).__name__, "unwrap_model(model)")
+            added.append(method)
+    return RemoveAttributes([model], tuple(added))
 
 
 def dequantize(model: nn.Module) -> nn.Module:
@@ -75,11 +86,220 @@ def dequantize(model: nn.Module) -> nn.Module:
             plain[i] = nn.Parameter(tensor, requires_grad=False)
     for _, module, name, p in named_parameter_slots(model):
         if id(p) in plain:
-            module._parameters[name] = plain[id(p)]
+            setattr(module, name, plain[id(p)])
             if isinstance(module, nn.Linear) and getattr(module.extra_repr, "__func__", None) is not nn.Linear.extra_repr:
                 module.extra_repr = types.MethodType(nn.Linear.extra_repr, module)  # as diffusers does
+    state.weights = {n: plain.get(id(w), w) for n, w in state.weights.items()}
+    for n, w in state.weights.items():
+        state.built.kinds[n] = w._kind
     model.__dict__.pop("dequantize", None)
     return type(model).dequantize(model)  # finds no quantized weight left; deletes the quantizer
 
 
-INTEGRATION = register(Integration("diffusers", "diffusers", check=check, install=install, blocks=blocks))
+
+
+# -- pipelines ---------------------------------------------------------------------------------
+DENOISERS = ("transformer", "unet", "prior", "decoder")  # components run every step, in this order of preference
+_REFUSED_ON_PIPELINES = ("enable_model_cpu_offload", "enable_sequential_cpu_offload", "enable_group_offload")
+_REFUSED_ON_MODELS = ("enable_group_offload", "enable_layerwise_casting")
+
+
+def components(obj) -> dict[str, nn.Module] | None:
+    """A diffusers pipeline's models with weights, by component name (None for anything else)."""
+    if not from_library(obj, "diffusers") or isinstance(obj, nn.Module) or not hasattr(obj, "components"):
+        return None
+    return {
+        name: c for name, c in obj.components.items() if isinstance(c, nn.Module) and next(c.parameters(), None) is not None
+    }
+
+
+def _denoiser(names) -> str | None:
+    return next((n for n in DENOISERS if n in names), None)
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """A pipeline's plan: one Plan per component under one budget."""
+
+    names: tuple[str, ...]
+    plans: tuple  # of offload_tensor.planner.Plan, one per name
+    budget: int | None = None
+    bandwidth: float | None = None
+
+    def __getitem__(self, name: str):
+        return self.plans[self.names.index(name)]
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.weight_bytes for p in self.plans)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(p.resident_bytes for p in self.plans)
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(p.streamed_bytes for p in self.plans)
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(p.device_bytes for p in self.plans)
+
+    @property
+    def minimum_budget(self) -> int:
+        return sum(p.minimum_budget for p in self.plans)
+
+    def table(self, bandwidth: float | None = None) -> str:
+        from offload_tensor.planner import format_table
+
+        return format_table(list(self.plans), bandwidth or self.bandwidth, list(self.names), self.budget)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def plan_pipeline(pipe, storage, streaming, where, only: list[str] | None = None) -> PipelinePlan:
+    """One budget across a pipeline: the components used once per call (text encoders, VAE)
+    stream; the denoiser keeps resident as many groups as fit beside everyone's slots."""
+    from dataclasses import replace
+
+    from offload_tensor.planner import format_bytes, make_plan
+
+    found = components(pipe)
+    names = list(found)
+    if only is not None:
+        unknown = [n for n in only if n not in found]
+        if unknown:
+            raise ValueError(
+                f"{type(pipe).__name__} has no component {unknown} with weights; its components are {names}."
+            )
+        names = [n for n in names if n in only]
+    denoiser = _denoiser(names)
+    if where.budget is None:
+        return PipelinePlan(tuple(names), tuple(make_plan(found[n], storage, streaming, where) for n in names))
+    streamed_only = replace(where, budget=None, reserve=0)
+    plans = {n: make_plan(found[n], storage, streaming, streamed_only) for n in names if n != denoiser}
+    others = sum(p.slot_bytes for p in plans.values())
+    if denoiser is not None:
+        share = where.budget - others
+        try:
+            plans[denoiser] = make_plan(found[denoiser], storage, streaming, replace(where, budget=share))
+        except ValueError:
+            minimum = others + make_plan(found[denoiser], storage, streaming, streamed_only).minimum_budget + where.reserve
+            raise ValueError(
+                f"budget={format_bytes(where.budget)} is below the minimum for {type(pipe).__name__}: "
+                f"{format_bytes(minimum)} (every component streamed: each one's slots, and the reserve). Raise the "
+                "budget, lower prefetch, or use granularity='leaf'."
+            ) from None
+    elif others + where.reserve > where.budget:
+        raise ValueError(f"budget={format_bytes(where.budget)} is below the minimum for {type(pipe).__name__}: "
+                         f"{format_bytes(others + where.reserve)}.")  # fmt: skip
+    return PipelinePlan(tuple(names), tuple(plans[n] for n in names), where.budget)
+
+
+def wrap_pipeline_for_offload(pipe, *, components: list[str] | None = None, budget=None, max_memory=None,
+                              reserve=0, **kwargs):  # fmt: skip
+    """Wrap every component of a diffusers pipeline that has weights (transformer or unet, text
+    encoders, VAE, ...) under one budget, in place; `pipe(...)` then runs as usual, also with
+    `pipe.transformer.compile_repeated_blocks(fullgraph=True)`. The components used once per call
+    stream; the denoiser keeps resident as much as the budget allows. `components=` wraps only
+    those. Other keyword arguments are wrap_model_for_offload's (device, offload, disk_path,
+    storage_dtype, prefetch, ...); each component gets a disk_path folder of its own.
+
+    Example:
+        >>> pipe = FluxPipeline.from_pretrained(path, torch_dtype=torch.bfloat16)
+        >>> wrap_pipeline_for_offload(pipe, budget="12GiB")
+        >>> pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        >>> image = pipe("a cat on the moon").images[0]
+        >>> print(offload_report(pipe))
+    """
+    from pathlib import Path
+
+    from offload_tensor.planner import budget_and_ram
+    from offload_tensor.policy import Storage, Streaming, compute_device, placement
+    from offload_tensor.wrap import is_wrapped, unwrap_model, wrap_model_for_offload
+
+    found = _pipeline_components(pipe, "wrap_pipeline_for_offload")
+    wrapped_already = [n for n, c in found.items() if is_wrapped(c)]
+    if getattr(pipe, "_offload_tensor_components", None) or wrapped_already:
+        raise ValueError(
+            f"{type(pipe).__name__} is already wrapped (components {wrapped_already or pipe._offload_tensor_components}); "
+            "call unwrap_pipeline(pipe) before wrapping it again."
+        )
+    device = kwargs.pop("device", None)
+    budget, ram = budget_and_ram(budget, None, max_memory, device if device is not None else compute_device(None))
+    disk_path = kwargs.pop("disk_path", None)
+    offload = kwargs.get("offload", "cpu")
+    where = placement(device, offload, disk_path, budget, reserve)
+    storage = Storage(kwargs.get("storage_dtype"), kwargs.get("fp8_scale", "channel"))
+    streaming = Streaming(kwargs.get("prefetch", 1), kwargs.get("pin_memory", True), kwargs.get("granularity", "block"))
+    if where.budget is not None and where.device.type == "cpu" and where.offload == "cpu":
+        raise ValueError(
+            "budget= limits what stays where the model computes, but computing on the CPU with offload='cpu' every "
+            "weight is there already; to keep part of the pipeline on disk, pass offload='disk' (disk_path=...)."
+        )
+    planned = plan_pipeline(pipe, storage, streaming, where, components)
+    if ram is not None:
+        from offload_tensor.planner import check_ram
+
+        check_ram(sum(p.host_bytes for p in planned.plans), ram, where)
+    kwargs["offload"] = where.offload
+    denoiser = _denoiser(planned.names)
+    done = []
+    try:
+        for name, p in zip(planned.names, planned.plans):
+            folder = None if where.disk_path is None else Path(where.disk_path) / name
+            wrap_model_for_offload(found[name], device=where.device, disk_path=folder, budget=p.placement.budget,
+                                   reserve=p.placement.reserve if name == denoiser else 0, **kwargs)  # fmt: skip
+            done.append(name)
+    except BaseException:
+        for name in done:  # nothing half-wrapped: the components wrapped so far go back
+            unwrap_model(found[name])
+        raise
+    pipe.__dict__["_offload_tensor_components"] = done
+    for method in _REFUSED_ON_PIPELINES:
+        pipe.__dict__[method] = _Refused(method, type(pipe).__name__, "unwrap_pipeline(pipe)")
+    return pipe
+
+
+def unwrap_pipeline(pipe):
+    """Give every wrapped component of a pipeline its plain weights back, in place."""
+    from offload_tensor.wrap import unwrap_model
+
+    names = pipe.__dict__.get("_offload_tensor_components")
+    if not names:
+        raise ValueError(f"unwrap_pipeline: {type(pipe).__name__} is not wrapped by wrap_pipeline_for_offload.")
+    found = components(pipe)
+    for name in names:
+        unwrap_model(found[name])
+    for method in _REFUSED_ON_PIPELINES:
+        pipe.__dict__.pop(method, None)
+    del pipe.__dict__["_offload_tensor_components"]
+    return pipe
+
+
+def _pipeline_components(pipe, caller: str) -> dict[str, nn.Module]:
+    found = components(pipe)
+    if found is None:
+        raise TypeError(f"{caller} expects a diffusers pipeline, got {type(pipe).__name__}; for a model use wrap_model_for_offload.")
+    return found
+
+
+class _Refused:
+    """Stands in for another offloader's method on a wrapped model or pipeline."""
+
+    def __init__(self, method: str, owner: str, fix: str) -> None:
+        self.method, self.owner, self.fix = method, owner, fix
+
+    def __call__(self, *args, **kwargs):
+        from compile_rules.table import RefusedOpError
+
+        raise RefusedOpError(
+            f"{self.method}() on {self.owner}: its weights are already offloaded by offload_tensor, whose engine moves "
+            f"them; combining two offloaders would move weights behind each other's back. Call {self.fix} first."
+        )
+
+
+INTEGRATION = register(
+    Integration("diffusers", "diffusers", check=check, install=install, blocks=blocks, components=components)
+)

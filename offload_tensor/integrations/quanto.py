@@ -22,7 +22,7 @@ import types
 import torch
 from torch import nn
 
-from offload_tensor.integrations import Integration, register
+from offload_tensor.integrations import Integration, RemoveAttributes, register
 
 
 def _quanto_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -96,12 +96,7 @@ def install(model: nn.Module):
         module.__dict__["_save_to_state_dict"] = types.MethodType(_save_to_state_dict, module)
         module.__dict__["_load_from_state_dict"] = types.MethodType(_load_from_state_dict, module)
 
-    def undo() -> None:
-        for module in modules:
-            for name in _ROUTED:
-                module.__dict__.pop(name, None)
-
-    return undo if modules else None
+    return RemoveAttributes(modules, _ROUTED) if modules else None
 
 
 def _is_quanto(cls: type) -> bool:

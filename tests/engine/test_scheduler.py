@@ -232,7 +232,7 @@ def test_compiled_fetches_consult_the_scheduler(mode):
 
 @pytest.mark.parametrize("granularity", ["block", "leaf"])
 def test_groups_follow_blocks_or_modules(granularity):
-    from offload_tensor.plan import group_weights, unique_weights
+    from offload_tensor.planner import group_weights, unique_weights
 
     model = CASES[0].make()
     weights = unique_weights(model)
@@ -248,7 +248,7 @@ def test_groups_follow_blocks_or_modules(granularity):
 
 
 def test_transformers_no_split_modules_are_blocks():
-    from offload_tensor.plan import group_weights, unique_weights
+    from offload_tensor.planner import group_weights, unique_weights
 
     bert = CASES[-1].make()
     weights = unique_weights(bert)

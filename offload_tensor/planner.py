@@ -1,0 +1,380 @@
+"""The plan of a wrap: every group of weights, its bytes as stored, where it lives, and whether it
+stays resident where the model computes.
+
+A plan reads only shapes and dtypes, so it is made for a model on the `meta` device as well as for
+a loaded one: users plan before loading, and wrap_model_for_offload builds exactly the plan it
+would print. Groups are the units that move together: a repeated block (its class is one of the
+model's blocks, as its library names them) or, outside blocks, a module's own weights
+(`granularity="leaf"`: every module's own weights).
+
+Each group has a home (`"ram"`: a host arena; `"disk"`: a file of the disk tier) and is either
+resident (used where the model computes, no fetch: on the GPU, or in RAM when computing on the
+CPU) or streamed from its home. With a budget, as many groups stay resident as fit beside the
+streaming engine's slots, chosen to stream the fewest bytes per step.
+
+The memory terms are those of diffusers' optimization guide: `S_total` (all weights), `S_max` (the
+largest component of a pipeline), `S_block` (the largest repeated block), `S_leaf` (the largest
+module's own weights).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from offload_tensor import integrations
+from offload_tensor.payloads import kind_for, stored_bytes
+from offload_tensor.policy import Placement, Storage, Streaming, parse_bytes
+
+
+def named_parameter_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    """Every place a parameter is held: (qualified name, owning module, attribute, parameter).
+    Tied parameters appear once per place."""
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, param in module._parameters.items():
+            if param is not None:
+                yield (f"{module_name}.{name}" if module_name else name), module, name, param
+
+
+def unique_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each parameter once (tied ones under the first name that holds them), in module order."""
+    found: dict[int, tuple[str, torch.Tensor]] = {}
+    for qualname, _, _, param in named_parameter_slots(model):
+        found.setdefault(id(param), (qualname, param))
+    return dict(found.values())
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str  # the block's qualified name, or the module's whose own weights these are
+    weights: tuple[str, ...]  # qualified names of its weights (first name of a tied weight)
+    nbytes: int  # as stored (fp8: values and scales)
+    home: str  # where it lives: "ram" (a host arena, or the weights where they are) or "disk"
+    resident: bool  # used where the model computes, without a fetch
+    block: bool  # a repeated block
+
+    @property
+    def streamed(self) -> bool:
+        return not self.resident
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: torch.device
+    groups: tuple[Group, ...]
+    storage: Storage
+    streaming: Streaming
+    placement: Placement
+    leaf_bytes: int  # S_leaf
+    name: str = "model"
+    bandwidth: float | None = None  # bytes/s the streamed bytes move at, where known (for the table)
+
+    # -- the terms users reason with --------------------------------------------------------
+    @property
+    def weight_bytes(self) -> int:  # S_total
+        return sum(g.nbytes for g in self.groups)
+
+    @property
+    def block_bytes(self) -> int:  # S_block
+        return max((g.nbytes for g in self.groups if g.block), default=0)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(g.nbytes for g in self.groups if g.resident)
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes one forward moves: each streamed group once."""
+        return sum(g.nbytes for g in self.groups if g.streamed)
+
+    @property
+    def largest_streamed(self) -> int:
+        return max((g.nbytes for g in self.groups if g.streamed), default=0)
+
+    @property
+    def slot_bytes(self) -> int:
+        """The streaming engine's slots where the model computes: prefetch + 1 of the largest
+        streamed group."""
+        return (self.streaming.prefetch + 1) * self.largest_streamed
+
+    @property
+    def device_bytes(self) -> int:
+        """What the weights take where the model computes: resident groups and the slots."""
+        return self.resident_bytes + self.slot_bytes
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Page-locked host memory: the RAM arenas of a CUDA model (pinned once, at exact size),
+        or the disk tier's staging buffers."""
+        if self.device.type != "cuda" or not self.streaming.pin_memory:
+            return 0
+        if self.placement.offload == "disk":
+            return self.slot_bytes
+        return sum(g.nbytes for g in self.groups if g.home == "ram")
+
+    @property
+    def host_bytes(self) -> int:
+        """Host RAM the weights need: their arenas (a CUDA model keeps every group's home in RAM),
+        resident groups of a CPU model, and the disk tier's read buffers."""
+        if self.placement.offload == "disk":
+            ram_resident = self.resident_bytes if self.device.type != "cuda" else 0
+            return ram_resident + self.slot_bytes
+        return self.weight_bytes
+
+    @property
+    def minimum_budget(self) -> int:
+        """The smallest device budget this model runs with: every group streamed."""
+        largest = max((g.nbytes for g in self.groups), default=0)
+        return (self.streaming.prefetch + 1) * largest + self.placement.reserve
+
+    def bytes_in(self, tier: str) -> int:
+        return sum(g.nbytes for g in self.groups if tier_of(g, self.device) == tier)
+
+    def group_of(self) -> dict[str, int]:
+        return {w: i for i, g in enumerate(self.groups) for w in g.weights}
+
+    def table(self, bandwidth: float | None = None) -> str:
+        return format_table([self], bandwidth or self.bandwidth)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def tier_of(group: Group, device: torch.device) -> str:
+    """Where compute reads a group from: "gpu" (resident on CUDA), "ram" or "disk"."""
+    if group.resident:
+        return "gpu" if device.type == "cuda" else "ram"
+    return group.home
+
+
+def group_weights(model: nn.Module, weights: dict[str, torch.Tensor], granularity: str) -> list[tuple[str, list[str], bool]]:
+    """(group name, weight names, is a block) for every group, in module order: one group per
+    repeated block (granularity="block"), and one per module for the weights of modules outside
+    blocks (or for all, granularity="leaf")."""
+    block_names = integrations.block_names(model) if granularity == "block" else set()
+    name_of = {id(w): n for n, w in weights.items()}
+    placed: set[str] = set()
+    groups = []
+
+    def take(params) -> list[str]:
+        found = [name_of[id(p)] for p in params if id(p) in name_of and name_of[id(p)] not in placed]
+        placed.update(found)
+        return found
+
+    for module_name, module in model.named_modules():
+        is_block = type(module).__name__ in block_names
+        names = take(module.parameters() if is_block else (p for p in module._parameters.values() if p is not None))
+        if names:
+            groups.append((module_name, names, is_block))
+    return groups
+
+
+def make_plan(
+    model: nn.Module, storage: Storage, streaming: Streaming, placement: Placement, always_fetch: bool = False
+) -> Plan:
+    """The plan for wrapping `model` with these policies. `always_fetch`: with no budget, every
+    group is fetched through the engine, even where it lives on the compute device (an explicit
+    engine)."""
+    weights = unique_weights(model)
+    per_channel = storage.scale == "channel"
+    size = {n: stored_bytes(w, kind_for(w, storage.dtype, per_channel)) for n, w in weights.items()}
+    home = placement.offload if placement.offload == "disk" else "ram"
+    where = placement.resident_tier  # "ram" computing on the CPU, "gpu" on CUDA
+    groups = [
+        Group(name, tuple(names), sum(size[n] for n in names), home, False, block)
+        for name, names, block in group_weights(model, weights, streaming.granularity)
+    ]
+    if placement.budget is not None:
+        resident = choose_resident([g.nbytes for g in groups], placement.budget - placement.reserve, streaming.prefetch)
+    else:
+        resident = set(range(len(groups))) if home == where and not always_fetch else set()
+    groups = [replace(g, resident=i in resident) for i, g in enumerate(groups)]
+    leaf = max((sum(size[n] for n in names) for _, names, _ in group_weights(model, weights, "leaf")), default=0)
+    plan = Plan(placement.device, tuple(groups), storage, streaming, placement, leaf, type(model).__name__)
+    if placement.budget is not None and plan.device_bytes + placement.reserve > placement.budget:
+        raise ValueError(
+            f"budget={format_bytes(placement.budget)} is below the minimum for {plan.name}: "
+            f"{format_bytes(plan.minimum_budget)} ({streaming.prefetch + 1} streaming slots of its largest group, "
+            f"{format_bytes(max(g.nbytes for g in groups))}" + (f", plus reserve {format_bytes(placement.reserve)}" if placement.reserve else "")
+            + "). Raise the budget, lower prefetch, or use granularity='leaf' (smaller groups)."
+        )
+    return plan
+
+
+def choose_resident(sizes: list[int], budget: int, prefetch: int) -> set[int]:
+    """Indices of the groups that stay resident: the most bytes that fit in `budget` beside the
+    slots the streamed ones need ((prefetch + 1) x the largest streamed group), so the fewest
+    bytes stream per step. For each candidate largest streamed group, every larger group must be
+    resident, and smaller ones are added largest first while they fit."""
+    if sum(sizes) <= budget:
+        return set(range(len(sizes)))
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    best: set[int] = set()
+    best_bytes = -1
+    for k, largest in enumerate(order):  # `largest` is the largest streamed group
+        room = budget - (prefetch + 1) * sizes[largest] - sum(sizes[i] for i in order[:k])
+        if room < 0:
+            continue
+        chosen = set(order[:k])
+        for i in order[k + 1 :]:
+            if sizes[i] <= room:
+                chosen.add(i)
+                room -= sizes[i]
+        resident_bytes = sum(sizes[i] for i in chosen)
+        if resident_bytes > best_bytes:
+            best, best_bytes = chosen, resident_bytes
+    return best
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def format_table(plans: list[Plan], bandwidth: float | None = None, names: list[str] | None = None,
+                 budget: int | None = None) -> str:  # fmt: skip
+    """The plan as users read it (one or more components, and their total)."""
+    names = names or [p.name for p in plans]
+    first = plans[0]
+    budget = budget if budget is not None else first.placement.budget
+    home = "on disk" if first.placement.offload == "disk" else "in host RAM"
+    head = (
+        f"offload_tensor plan on {first.device} (weights live {home}"
+        + (f", budget {format_bytes(budget)}" if budget is not None else ", no budget")
+        + f", prefetch {first.streaming.prefetch}, {first.streaming.granularity} groups"
+        + (f", stored in {first.storage.dtype}" if first.storage.dtype else "")
+        + ")"
+    )
+    total = sum(p.weight_bytes for p in plans)
+    per_step = sum(p.streamed_bytes for p in plans)
+    rows = [
+        ("S_total", format_bytes(total), "all weights, as stored"),
+        ("S_max", format_bytes(max(p.weight_bytes for p in plans)), "the largest component"),
+        ("S_block", format_bytes(max(p.block_bytes for p in plans)), "the largest repeated block"),
+        ("S_leaf", format_bytes(max(p.leaf_bytes for p in plans)), "the largest module's own weights"),
+    ]
+    for name, p in zip(names, plans):
+        resident_groups = sum(g.resident for g in p.groups)
+        label = f"{name}: " if len(plans) > 1 else ""
+        rows.append((f"{label}resident", format_bytes(p.resident_bytes),
+                     f"{resident_groups} of {len(p.groups)} groups stay where the model computes"))  # fmt: skip
+        rows.append((f"{label}streamed", format_bytes(p.streamed_bytes), f"from {p.placement.offload}, every step"))
+        if p.streamed_bytes:
+            rows.append((f"{label}slots", format_bytes(p.slot_bytes),
+                         f"{p.streaming.prefetch + 1} x the largest streamed group"))  # fmt: skip
+    device = sum(p.device_bytes for p in plans) + first.placement.reserve
+    rows.append(("on the device", format_bytes(device), "resident weights, slots" + (", reserve" if first.placement.reserve else "")))
+    rows.append(("pinned host", format_bytes(sum(p.pinned_bytes for p in plans)), "page-locked, at exact size"))
+    rows.append(("host RAM", format_bytes(sum(p.host_bytes for p in plans)), "for weights"))
+    moved = f"at {bandwidth / 1e9:.1f} GB/s: {per_step / bandwidth:.3f} s" if bandwidth else "bandwidth unknown"
+    rows.append(("per step", format_bytes(per_step), moved))
+    rows.append(("min budget", format_bytes(sum(p.minimum_budget for p in plans)), "every group streamed"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join([head] + [f"  {a:<{width}}  {b:>10}   {c}" for a, b, c in rows])
+
+
+def plan(
+    model_or_pipeline,
+    *,
+    budget: int | str | None = None,
+    max_memory: dict | None = None,
+    ram: int | str | None = None,
+    bandwidth: float | str | None = None,
+    device: str | torch.device = "cuda",
+    offload: str | os.PathLike = "cpu",
+    disk_path: str | os.PathLike | None = None,
+    reserve: int | str = 0,
+    storage_dtype: torch.dtype | None = None,
+    fp8_scale: str = "channel",
+    prefetch: int = 1,
+    pin_memory: bool = True,
+    granularity: str = "block",
+):
+    """The plan wrap_model_for_offload (or wrap_pipeline_for_offload) would build, without
+    building it, printable as a table. Works on a model on the `meta` device (plan before
+    loading) and for a device this machine does not have (`device="cuda"` is the default).
+
+    Example:
+        >>> from offload_tensor.catalog import meta_model
+        >>> print(offload_tensor.plan(meta_model("flux-dev"), budget="12GiB").table(bandwidth=25e9))
+    """
+    from offload_tensor.policy import placement as make_placement
+
+    budget, ram = budget_and_ram(budget, ram, max_memory, device)
+    where = make_placement(device, offload, disk_path or (os.devnull if offload == "disk" else None), budget,
+                           reserve=reserve, check_device=False)  # fmt: skip
+    storage, streaming = Storage(storage_dtype, fp8_scale), Streaming(prefetch, pin_memory, granularity)
+    components = integrations.components(model_or_pipeline)
+    if components is None:
+        result = make_plan(model_or_pipeline, storage, streaming, where)
+        plans = [result]
+    else:
+        from offload_tensor.integrations.diffusers import plan_pipeline
+
+        result = plan_pipeline(model_or_pipeline, storage, streaming, where)
+        plans = result.plans
+    if ram is not None:
+        check_ram(sum(p.host_bytes for p in plans), ram, where)
+    rate = parse_bytes(bandwidth, "bandwidth") if bandwidth is not None else measured_bandwidth(where)
+    return replace(result, bandwidth=rate)
+
+
+def measured_bandwidth(where: Placement) -> float | None:
+    """Pinned host-to-device bandwidth on this machine's CUDA device (256 MiB copies), when the
+    plan is for it; None otherwise (pass bandwidth=)."""
+    if where.device.type != "cuda" or where.offload != "cpu" or not torch.cuda.is_available():
+        return None
+    import time
+
+    host = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty_like(host, device=where.device)
+    device.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(where.device)
+    start = time.perf_counter()
+    for _ in range(4):
+        device.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(where.device)
+    return 4 * host.numel() / (time.perf_counter() - start)
+
+
+def budget_and_ram(budget, ram, max_memory, device) -> tuple[int | None, int | None]:
+    """`budget=` and `ram=`, or accelerate-style `max_memory={"cuda:0": "10GiB", "cpu": "30GiB"}`."""
+    if max_memory is None:
+        return (None if budget is None else parse_bytes(budget, "budget")), (None if ram is None else parse_bytes(ram, "ram"))
+    if budget is not None or ram is not None:
+        raise ValueError("pass max_memory= or budget=/ram=, not both.")
+    if not isinstance(max_memory, dict):
+        raise ValueError(f"max_memory={max_memory!r} must be a dict such as {{'cuda:0': '10GiB', 'cpu': '30GiB'}}.")
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    budget = ram = None
+    for key, value in max_memory.items():
+        k = f"cuda:{key}" if isinstance(key, int) else str(key)
+        if k == "cpu":
+            ram = parse_bytes(value, "max_memory['cpu']")
+        elif k in ("cuda", f"cuda:{device.index or 0}", str(device)) and device.type == "cuda":
+            budget = parse_bytes(value, f"max_memory[{key!r}]")
+        else:
+            raise ValueError(
+                f"max_memory key {key!r} is not the compute device ({device}) or 'cpu'; offload_tensor computes on one "
+                "device: pass {'cuda:0': ..., 'cpu': ...}."
+            )
+    return budget, ram
+
+
+def check_ram(needed: int, ram: int, placement: Placement) -> None:
+    if needed > ram:
+        offer = (
+            "use offload='disk' (disk_path=...) to keep weights on disk, or a smaller model"
+            if placement.offload != "disk"
+            else "lower prefetch, or use granularity='leaf'"
+        )
+        raise ValueError(
+            f"the weights need {format_bytes(needed)} of host RAM (their arenas), more than ram={format_bytes(ram)}; {offer}. "
+            "(pin_memory=False makes them pageable, which the OS may swap, but needs the same RAM.)"
+        )

@@ -1,0 +1,79 @@
+"""The offload-tensor command, run as users run it (a subprocess): every command, and every bad
+input ending with exit status 2 and one line, no traceback."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def cli(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "offload_tensor", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_and_version_are_fast_and_import_no_torch():
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from offload_tensor.cli import main; main(['--help'])"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0 and "plan" in done.stdout and "examples:" in done.stdout
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys\ntry:\n from offload_tensor.cli import main; main(['--version'])\n"
+         "except SystemExit: pass\nprint('torch' in sys.modules)"], capture_output=True, text=True,
+    )  # fmt: skip
+    assert probe.stdout.strip().splitlines() == [probe.stdout.strip().splitlines()[0], "False"]
+    assert probe.stdout.startswith("offload-tensor ")
+    assert time.perf_counter() - start < 20
+    entry = subprocess.run(["offload-tensor", "--version"], capture_output=True, text=True)
+    assert entry.returncode == 0 and entry.stdout.startswith("offload-tensor ")
+
+
+def test_plan_of_a_known_model_and_of_a_config_file(tmp_path):
+    done = cli("plan", "--model", "flux-dev", "--budget", "12GiB", "--ram", "32GiB", "--bandwidth", "25GB")
+    assert done.returncode == 0, done.stderr
+    for term in ("S_total", "S_block", "S_leaf", "resident", "streamed", "pinned host", "per step", "min budget", "25.0 GB/s"):
+        assert term in done.stdout, term
+    import json
+
+    from offload_tensor.catalog import WAN_2_1_14B
+
+    (tmp_path / "config.json").write_text(json.dumps(WAN_2_1_14B))
+    done = cli("plan", "--config", str(tmp_path / "config.json"), "--budget", "16GiB", "--fp8")
+    assert done.returncode == 0 and "float8_e4m3fn" in done.stdout, done.stderr
+
+
+def test_demo_and_bench_run():
+    done = cli("demo", "--device", "cpu", "--steps", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "streamed from disk" in done.stdout and "equal" in done.stdout
+    done = cli("bench", "--device", "cpu", "--steps", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "wrapped ms/step" in done.stdout and "bandwidth:" in done.stdout
+
+
+BAD = {
+    "no command": [],
+    "unknown command": ["train"],
+    "bad device": ["demo", "--device", "gpu"],
+    "no steps": ["demo", "--steps", "0"],
+    "steps not a number": ["bench", "--steps", "many"],
+    "unknown model": ["plan", "--model", "flux-pro", "--budget", "1GiB"],
+    "unparsable budget": ["plan", "--model", "flux-dev", "--budget", "12 gigs"],
+    "budget below minimum": ["plan", "--model", "flux-dev", "--budget", "1MiB"],
+    "ram too small": ["plan", "--model", "flux-dev", "--ram", "1GiB"],
+    "missing config": ["plan", "--config", "/nonexistent/config.json"],
+    "bad dtype": ["plan", "--model", "flux-tiny", "--dtype", "float13"],
+}
+if not __import__("torch").cuda.is_available():
+    BAD["cuda without cuda"] = ["demo", "--device", "cuda"]
+
+
+@pytest.mark.parametrize("args", list(BAD.values()), ids=list(BAD))
+def test_bad_input_exits_2_with_one_line(args):
+    done = cli(*args, timeout=300)
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "error" in lines[0]
