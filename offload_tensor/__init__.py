@@ -15,6 +15,7 @@ _API = {
     "is_wrapped": "offload_tensor.wrap",
     "wrap_pipeline_for_offload": "offload_tensor.integrations.diffusers",
     "unwrap_pipeline": "offload_tensor.integrations.diffusers",
+    "from_pretrained": "offload_tensor.integrations.diffusers",
     "offload_report": "offload_tensor.report",
     "OffloadReport": "offload_tensor.report",
     "plan": "offload_tensor.planner",

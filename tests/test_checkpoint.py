@@ -229,3 +229,22 @@ def test_unwrap_of_a_loaded_meta_model_gives_cpu_weights(checkpoints):
     assert all(p.device.type == "cpu" and type(p) is torch.nn.Parameter for p in model.parameters())
     assert run(model, FLUX).equal(run(FLUX.make(), FLUX))
     assert os.path.exists(checkpoints["flux"]["single"])
+
+
+def test_from_pretrained_builds_on_meta_and_loads_in_the_checkpoints_dtypes(tmp_path):
+    """The helper for diffusers users: config -> meta model -> wrapped from the checkpoint, each
+    weight in the dtype the checkpoint holds (bf16 here, with the norms kept fp32)."""
+    from diffusers import FluxTransformer2DModel
+
+    from offload_tensor import from_pretrained
+
+    plain = FLUX.make().to(torch.bfloat16)
+    with torch.no_grad():
+        plain.norm_out.linear.weight.data = plain.norm_out.linear.weight.float()  # a weight kept in fp32
+    plain.save_pretrained(tmp_path / "pipe" / "transformer")
+    model = from_pretrained(FluxTransformer2DModel, tmp_path / "pipe", subfolder="transformer", offload=tmp_path / "disk")
+    assert model.norm_out.linear.weight.dtype == torch.float32 and model.proj_out.weight.dtype == torch.bfloat16
+    for (name, a), b in zip(model.named_parameters(), plain.parameters()):
+        assert torch.equal(a.materialize(), b), name
+    with pytest.raises(ValueError, match="local folder"):
+        from_pretrained(FluxTransformer2DModel, "black-forest-labs/FLUX.1-dev", subfolder="transformer")

@@ -303,3 +303,32 @@ class _Refused:
 INTEGRATION = register(
     Integration("diffusers", "diffusers", check=check, install=install, blocks=blocks, components=components)
 )
+
+
+def from_pretrained(cls, path, *, subfolder: str | None = None, **kwargs) -> nn.Module:
+    """`cls.from_pretrained` for a model that should never be in RAM whole: `cls` (a diffusers
+    model class) is built from its config on the meta device, each weight in the dtype its
+    checkpoint holds, then wrapped with `checkpoint=` the safetensors under `path[/subfolder]`
+    (the rest of the keyword arguments are wrap_model_for_offload's: budget, offload, ...).
+    Local folders only: nothing is downloaded.
+
+    Example:
+        >>> transformer = from_pretrained(FluxTransformer2DModel, "FLUX.1-dev", subfolder="transformer",
+        ...                               budget="12GiB", storage_dtype=torch.float8_e4m3fn)
+    """
+    import os
+    from pathlib import Path
+
+    from offload_tensor.checkpoint import index
+    from offload_tensor.wrap import wrap_model_for_offload
+
+    folder = Path(path) / subfolder if subfolder else Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"{os.fspath(folder)!r} is not a local folder; offload_tensor loads local checkpoints only.")
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(folder)).eval()
+    stored = index(folder)
+    for name, param in model.named_parameters():
+        if name in stored and stored[name].dtype != param.dtype:
+            param.data = torch.empty_like(param, dtype=stored[name].dtype)  # as the checkpoint holds it
+    return wrap_model_for_offload(model, checkpoint=folder, **kwargs)
