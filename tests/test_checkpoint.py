@@ -74,7 +74,7 @@ def test_meta_model_from_checkpoint_equals_the_plain_model(case, layout, tier, c
         assert run(model, case, 1).equal(run(case.make(), case, 1))
 
 
-COMPILED = [(FLUX, "whole"), (FLUX, "repeated_blocks"), (WAN, "repeated_blocks")]
+COMPILED = [(FLUX, "whole"), (FLUX, "repeated_blocks"), (WAN, "whole"), (WAN, "repeated_blocks"), (BERT, "whole")]
 
 
 @pytest.mark.parametrize("case,mode", COMPILED, ids=[f"{c.name}-{m}" for c, m in COMPILED])
@@ -83,7 +83,8 @@ def test_loaded_model_compiles_like_the_plain_one(case, mode, tier, checkpoints,
     repeated = mode == "repeated_blocks"
     plain = compile_rules.check(case.make(), repeated_blocks=repeated, **case.inputs(0))
     kwargs = {"offload": tmp_path / "disk"} if tier == "disk" else {}
-    model = wrap_model_for_offload(meta_like(case), checkpoint=checkpoints[case.name]["sharded"], **kwargs)
+    layout = "single" if case is BERT else "sharded"
+    model = wrap_model_for_offload(meta_like(case), checkpoint=checkpoints[case.name][layout], **kwargs)
     report = compile_rules.check(model, repeated_blocks=repeated, fullgraph=True, **case.inputs(0))
     assert report.graph_breaks == 0 and report.graphs <= plain.graphs, f"plain: {plain}\nwrapped: {report}"
     torch.testing.assert_close(output(report.output), output(plain.output), atol=1e-5, rtol=0)

@@ -177,6 +177,10 @@ class _BufferPool:
             dropped.add(id(b))
             spare -= b.tensor.numel()
         self.buffers = [b for b in self.buffers if id(b) not in dropped and b is not chosen] + [chosen]
+        if dropped:
+            from offload_tensor.build import _trim
+
+            _trim()  # buffers below glibc's mmap threshold go back to the heap, not the OS, unless trimmed
         return chosen.tensor[:nbytes]
 
 
