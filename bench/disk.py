@@ -117,10 +117,10 @@ model.save_pretrained({str(checkpoint)!r}, max_shard_size="500MB")
 
 def cold_read_bandwidth(files: list[Path], direct: bool) -> float:
     """Bytes per second reading `files` whole after dropping their page cache (64 MiB reads)."""
-    from offload_tensor.engine.disk import _aligned_empty
+    from offload_tensor.engine.host_store import aligned_empty
 
     drop_page_cache(files)
-    buffer = memoryview(_aligned_empty(64 << 20).numpy())
+    buffer = memoryview(aligned_empty(64 << 20).numpy())
     total, start = 0, time.perf_counter()
     for path in files:
         fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))

@@ -14,8 +14,6 @@ wrap's job.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 from dataclasses import dataclass, field
 
@@ -24,16 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from offload_tensor.checkpoint import StoredTensor, fingerprint, read_into
-from offload_tensor.engine.disk import (
-    DiskGroup,
-    _contiguous_stride,
-    group_file,
-    layout_hash,
-    open_group,
-    read_exactly_into,
-    write_group,
-)
-from offload_tensor.engine.host_store import Arena, allocate_arena
+from offload_tensor.engine.disk import DiskGroup, group_file, layout_hash, open_group, read_exactly_into, write_group
+from offload_tensor.engine.host_store import Arena, allocate_arena, contiguous_stride, give_back_freed_memory
 from offload_tensor.payloads import Float8, PayloadKind, Plain, kind_for
 from offload_tensor.planner import Group, Plan
 
@@ -79,7 +69,7 @@ class CheckpointSource:
             out.copy_(self.value(name))
 
     def stride(self, name: str) -> tuple[int, ...]:
-        return _contiguous_stride(self.stored[name].shape)
+        return contiguous_stride(self.stored[name].shape)
 
 
 @dataclass
@@ -98,8 +88,8 @@ def specs(weight: torch.Tensor, kind: PayloadKind, stride: tuple[int, ...]) -> l
     """(shape, stride, dtype) of the payload tensors `weight` encodes to."""
     if isinstance(kind, Float8):
         scale = (weight.shape[0], *[1] * (weight.ndim - 1)) if kind.per_channel else ()
-        return [(weight.shape, _contiguous_stride(weight.shape), kind.storage_dtype),
-                (scale, _contiguous_stride(scale), torch.float32)]  # fmt: skip
+        return [(weight.shape, contiguous_stride(weight.shape), kind.storage_dtype),
+                (scale, contiguous_stride(scale), torch.float32)]  # fmt: skip
     if isinstance(kind, Plain):
         return [(weight.shape, stride, weight.dtype)]
     return [(t.shape, t.stride(), t.dtype) for t in kind.encode(weight)]
@@ -176,7 +166,7 @@ def _release(names, kinds, weights, payloads) -> None:
             released += w.nbytes
             w.data = payload[0]
     if released:
-        _trim()
+        give_back_freed_memory()
 
 
 def _disk_group(plan: Plan, group: Group, names, kinds, weights, source) -> DiskGroup:
@@ -190,16 +180,3 @@ def _disk_group(plan: Plan, group: Group, names, kinds, weights, source) -> Disk
         return open_group(path, names, inner_names, metadata, expected)
     payloads = [k.encode(source.value(n).contiguous() if isinstance(k, Plain) else source.value(n)) for n, k in zip(names, kinds)]
     return write_group(path, names, inner_names, payloads, metadata)
-
-
-_libc = None
-
-
-def _trim() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps small freed blocks), so RSS follows."""
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        _libc = ctypes.CDLL(name) if name else False
-    if _libc and hasattr(_libc, "malloc_trim"):
-        _libc.malloc_trim(0)

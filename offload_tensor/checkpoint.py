@@ -136,7 +136,7 @@ def read_into(stored: StoredTensor, out: torch.Tensor, fd: int | None = None) ->
     if own:
         fd = os.open(stored.path, os.O_RDONLY)
     try:
-        read_exactly(fd, _bytes_of(out), stored.offset, stored.path)
+        read_exactly(fd, byte_view(out), stored.offset, stored.path)
     finally:
         if own:
             os.close(fd)
@@ -151,7 +151,8 @@ def read_exactly(fd: int, buffer: memoryview, offset: int, path: str) -> None:
         done += n
 
 
-def _bytes_of(t: torch.Tensor) -> memoryview:
+def byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable (for preadv)."""
     return memoryview(t.view(torch.uint8).reshape(-1).numpy()).cast("B")
 
 

@@ -122,10 +122,10 @@ def bench(model: str = "flux-tiny", device: str | None = None, steps: int = 10) 
 
         bandwidth, what = measured_bandwidth(Placement(compute)), "pinned host-to-device"
     else:
-        from offload_tensor.engine.disk import _aligned_empty
+        from offload_tensor.engine.host_store import aligned_empty
 
         files = [os.path.join(folder.name, f) for f in os.listdir(folder.name)]
-        buffer = memoryview(_aligned_empty(sum(os.path.getsize(f) for f in files) + 4096).numpy())
+        buffer = memoryview(aligned_empty(sum(os.path.getsize(f) for f in files) + 4096).numpy())
         start, total = time.perf_counter(), 0
         for f in files:
             fd = os.open(f, os.O_RDONLY)

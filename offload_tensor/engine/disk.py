@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from offload_tensor.checkpoint import CheckpointError, read_exactly, read_header, write_atomically
-from offload_tensor.engine.host_store import Placement
+from offload_tensor.checkpoint import CheckpointError, byte_view, read_exactly, read_header, write_atomically
+from offload_tensor.engine.host_store import Placement, aligned_empty, contiguous_stride, give_back_freed_memory
 
 
 @dataclass
@@ -115,31 +115,13 @@ def open_group(path: Path, names: Sequence[str], inner_names: Sequence[Sequence[
     start = min((e.offset for weight in entries for e in weight), default=0)
     end = max((e.offset + e.nbytes for weight in entries for e in weight), default=0)
     placements = [
-        [Placement(e.offset - start, torch.Size(e.shape), _contiguous_stride(e.shape), e.dtype) for e in weight]
+        [Placement(e.offset - start, torch.Size(e.shape), contiguous_stride(e.shape), e.dtype) for e in weight]
         for weight in entries
     ]
     return DiskGroup(path, start, end - start, placements)
 
 
-def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for n in reversed(shape):
-        stride.append(acc)
-        acc *= max(n, 1)
-    return tuple(reversed(stride))
-
-
 IO_ALIGN = 4096  # direct I/O needs buffer, offset and length aligned to the device's block size
-
-
-def _aligned_empty(nbytes: int) -> torch.Tensor:
-    raw = torch.empty(nbytes + IO_ALIGN, dtype=torch.uint8)
-    skip = -raw.data_ptr() % IO_ALIGN
-    return raw[skip : skip + nbytes]
-
-
-def _bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
 
 
 def _shut(reader: ThreadPoolExecutor, files: _Files) -> None:
@@ -168,7 +150,7 @@ class _BufferPool:
             chosen = min(fits, key=lambda b: b.tensor.numel())
             idle = [b for b in idle if b is not chosen]
         else:
-            chosen = _Buffer(_aligned_empty(nbytes))
+            chosen = _Buffer(aligned_empty(nbytes))
         spare = sum(b.tensor.numel() for b in idle)
         dropped = set()
         for b in idle:  # oldest first: give back what exceeds one group's worth
@@ -178,9 +160,7 @@ class _BufferPool:
             spare -= b.tensor.numel()
         self.buffers = [b for b in self.buffers if id(b) not in dropped and b is not chosen] + [chosen]
         if dropped:
-            from offload_tensor.build import _trim
-
-            _trim()  # buffers below glibc's mmap threshold go back to the heap, not the OS, unless trimmed
+            give_back_freed_memory()  # below glibc's mmap threshold, freed buffers stay in the heap otherwise
         return chosen.tensor[:nbytes]
 
 
@@ -223,7 +203,7 @@ class _Files:
             except OSError:  # tmpfs and others refuse O_DIRECT
                 direct = None
             self.direct[path] = direct
-        view, done = _bytes(buffer), 0
+        view, done = byte_view(buffer), 0
         if direct is not None:
             try:
                 while done < needed:
@@ -299,7 +279,7 @@ class DiskBackend:
             tensors = []
             for p in self.groups[g].placements[i]:
                 t = torch.empty(p.shape, dtype=p.dtype)
-                read_exactly(self.files.fd(self.groups[g].path), _bytes(t), self.groups[g].offset + p.offset, "")
+                read_exactly(self.files.fd(self.groups[g].path), byte_view(t), self.groups[g].offset + p.offset, "")
                 tensors.append(t)
         return tensors
 
@@ -321,12 +301,6 @@ class DiskBackend:
         return 0
 
 
-def _aligned_pinned(nbytes: int, pin: bool) -> torch.Tensor:
-    raw = torch.empty(nbytes + IO_ALIGN, dtype=torch.uint8, pin_memory=pin)
-    skip = -raw.data_ptr() % IO_ALIGN
-    return raw[skip : skip + nbytes]
-
-
 class DiskCudaBackend:
     """Computing on CUDA from the disk tier: a background thread reads a group into a pinned
     staging buffer (one per slot), then the copy stream moves it into the device slot; a staging
@@ -345,7 +319,7 @@ class DiskCudaBackend:
     def prepare(self, groups: Sequence[DiskGroup], keys: Sequence[Sequence[Hashable]], slots: int) -> None:
         self.groups = list(groups)
         largest = max((g.nbytes for g in self.groups), default=0) + 2 * IO_ALIGN  # room to align the read
-        self.staging = [_aligned_pinned(largest, self.cuda.pin_memory) for _ in range(slots)]
+        self.staging = [aligned_empty(largest, pin_memory=self.cuda.pin_memory) for _ in range(slots)]
         self.staged: list[torch.cuda.Event | None] = [None] * slots  # the last copy out of each staging buffer
         self.cuda.prepare(self.groups, keys, slots)  # device slots, key index, placements (no arenas to pin)
 

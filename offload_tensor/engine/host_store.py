@@ -8,12 +8,43 @@ allocator would round each up to a power of two).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 ALIGN = 64  # bytes: as the CPU allocator aligns tensors (some kernels round differently on unaligned data)
+
+
+def contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for n in reversed(shape):
+        stride.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(stride))
+
+
+def aligned_empty(nbytes: int, alignment: int = 4096, pin_memory: bool = False) -> torch.Tensor:
+    """`nbytes` of host memory starting at an `alignment` boundary (direct I/O needs 4096)."""
+    raw = torch.empty(nbytes + alignment, dtype=torch.uint8, pin_memory=pin_memory)
+    skip = -raw.data_ptr() % alignment
+    return raw[skip : skip + nbytes]
+
+
+_libc = None
+
+
+def give_back_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed blocks below its mmap threshold in
+    the heap), so the process's RSS follows what it holds."""
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        _libc = ctypes.CDLL(name) if name else False
+    if _libc and hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)
 
 
 @dataclass(frozen=True)
