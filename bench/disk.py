@@ -315,8 +315,8 @@ def markdown(meta: dict, records: list[dict]) -> str:
     lines += [
         "",
         "step / bound: per round, step / max(compute, bytes read / bandwidth), compute = `ours_ram`'s step in that "
-        "round, bandwidth = the cold direct read of the configuration's own files right before its steps (diffusers: "
-        "the round's figure); the median over rounds. disk GB/s: that measurement (the last round's). For diffusers, bytes read per step is the size of its offload files (it reads "
+        "round, bandwidth = the cold direct read of the configuration's own weight files right before its timed steps; "
+        "the median over rounds. disk GB/s: that measurement (the last round's). For diffusers, bytes read per step is the size of its offload files (it reads "
         "every group each step). Targets for ours: RSS / weights <= 0.25, step / bound <= 1.15, and no slower than "
         "diffusers' disk offloading.",
     ]
