@@ -32,9 +32,18 @@ def test_eager_output_is_bit_exact(case, path):
 
 
 COMPILE_CASES = [(c, "whole") for c in CASES] + [(c, "repeated_blocks") for c in CASES if c.repeated_blocks]
+# Whole-model compiles of the convolutional UNet and VAE take a minute each on two cores: extended run
+# (`-m extended`); the UNet's blocks (convolutions, group norms, attention) compile in the default run.
+EXTENDED = {("unet", "whole"), ("vae", "whole")}
 
 
-@pytest.mark.parametrize("case,mode", COMPILE_CASES, ids=[f"{c.name}-{m}" for c, m in COMPILE_CASES])
+@pytest.mark.parametrize(
+    "case,mode",
+    [
+        pytest.param(c, m, id=f"{c.name}-{m}", marks=pytest.mark.extended if (c.name, m) in EXTENDED else ())
+        for c, m in COMPILE_CASES
+    ],
+)
 def test_compiled_has_no_breaks_and_no_extra_graphs(case, mode):
     repeated = mode == "repeated_blocks"
     plain = case.make()
