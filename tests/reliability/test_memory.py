@@ -120,5 +120,5 @@ def test_loading_from_a_checkpoint_holds_the_weights_once(checkpoint):
 def test_disk_tier_keeps_a_fraction_of_the_model_in_ram(checkpoint):
     m = measure("disk", checkpoint)
     steady, over = m["steady"] - m["before"], m["peak"] - m["bare"]
-    print(f"\nmeasured disk tier: weights {gib(m['weight_bytes'])}, steady RSS above before-wrap {gib(steady)}, peak {gib(over)}")
+    print(f"\nmeasured disk tier: weights {gib(m['weight_bytes'])}, steady RSS above before-wrap {gib(steady)}, peak while wrapping {gib(over)}")
     assert steady <= 0.25 * m["weight_bytes"]
