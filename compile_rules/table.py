@@ -122,11 +122,11 @@ def implements_torch_function(*funcs: Callable) -> Callable[[Handler], Handler]:
 
 # -- materialize ------------------------------------------------------------------------------
 @implements_torch_function(
-    F.linear, F.bilinear, F.embedding,
+    F.linear, F.bilinear,
     F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
     F.layer_norm, F.group_norm, F.rms_norm, F.batch_norm, F.instance_norm, F.prelu,
     # read the values on the host side: C refuses these on a tensor subclass
-    torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__,
+    torch.Tensor.tolist,
     # nn.RNN/GRU/LSTM pass all their weights as one list: each fetched once and the fused kernel
     # runs (without a row the op decomposes, and each piece fetches its weights again)
     torch._VF.lstm, torch._VF.gru, torch._VF.rnn_tanh, torch._VF.rnn_relu,
@@ -164,6 +164,29 @@ def materialize(func, args: tuple, kwargs: dict):
     if kwargs:
         kwargs = {k: v.materialize(after) if isinstance(v, Offloaded) else v for k, v in kwargs.items()}
     return func(*resolved, **kwargs)
+
+
+@implements_torch_function(F.embedding)
+def embedding(func, args: tuple, kwargs: dict):
+    # With max_norm, F.embedding first renormalizes the rows it looks up, in the weight itself: a
+    # write, which lands in the payload (or is refused) like any other, before the read.
+    names = ("input", "weight", "padding_idx", "max_norm", "norm_type")
+    bound = dict(zip(names, args)) | kwargs
+    if bound.get("max_norm") is None or not isinstance(bound["weight"], Offloaded):
+        return materialize(func, args, kwargs)
+    with torch.no_grad():
+        torch.embedding_renorm_(bound["weight"], bound["input"].contiguous(), bound["max_norm"], bound.get("norm_type", 2.0))
+    args = tuple(None if i == 3 else a for i, a in enumerate(args))
+    return materialize(func, args, {k: None if k == "max_norm" else v for k, v in kwargs.items()})
+
+
+@implements_torch_function(torch.Tensor.numpy, torch.Tensor.__array__)
+def to_numpy(func, args: tuple, kwargs: dict):
+    # The array is over a fetched or decoded copy, or over the payload without telling any engine:
+    # read-only, so a write through it raises in numpy instead of going nowhere.
+    array = materialize(func, args, kwargs)
+    array.flags.writeable = False
+    return array
 
 
 def _fetched(a, after):
@@ -325,6 +348,7 @@ def write_in_place(func, args: tuple, kwargs: dict):
         raise RefusedOpError(f"{_op_name(func)} writes two offloaded weights at once; offload_tensor writes one at a time.")
     (where, weight), = targets.values()
     args, kwargs = list(args), dict(kwargs)
+    returned = []
 
     def run(scratch: torch.Tensor) -> None:
         # The written weight becomes the scratch copy; every other offloaded argument is read.
@@ -336,7 +360,7 @@ def write_in_place(func, args: tuple, kwargs: dict):
         else:
             k[where] = _replace(kwargs[where], weight, scratch)
         shape, stride = scratch.shape, scratch.stride()
-        func(*a, **k)
+        returned.append((func(*a, **k), scratch))
         if scratch.shape != shape or scratch.stride() != stride:
             raise RefusedOpError(
                 f"{_op_name(func)} would resize the offloaded weight {weight!r} (to {tuple(scratch.shape)}); "
@@ -344,7 +368,18 @@ def write_in_place(func, args: tuple, kwargs: dict):
             )
 
     weight.write_in_place(run)
-    return args[where] if isinstance(where, int) else kwargs[where]
+    out, scratch = returned[0]
+    return _swap_back(out, scratch, args[where] if isinstance(where, int) else kwargs[where])
+
+
+def _swap_back(out, scratch: torch.Tensor, written):
+    """What the op returned, with the scratch copy replaced by the argument the caller passed:
+    None for ops that return nothing (`_foreach_mul_`), a tuple for multi-output `out=` ops."""
+    if out is scratch:
+        return written
+    if isinstance(out, (tuple, list)):
+        return type(out)(_swap_back(o, scratch, written) for o in out)
+    return out
 
 
 def _value_on(x, device: torch.device):

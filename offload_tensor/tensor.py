@@ -308,11 +308,26 @@ def _lazy_view(weight: OffloadedTensor, steps: tuple[ViewStep, ...], like: torch
 
 
 def _apply_view(t: torch.Tensor, steps: tuple[ViewStep, ...]) -> torch.Tensor:
+    # Steps were recorded on a meta tensor at storage offset 0; an explicit as_strided offset is
+    # absolute in the storage, so it moves by where this payload starts in its (arena's) storage.
+    base = t.storage_offset()
     for func, args, kwargs, index in steps:
+        if base and func in _ABSOLUTE_OFFSET and (len(args) > 2 or "storage_offset" in kwargs):
+            args, kwargs = _shift_offset(args, kwargs, base)
         t = func(t, *args, **kwargs)
         if index is not None:
             t = t[index]
     return t
+
+
+_ABSOLUTE_OFFSET = (torch.ops.aten.as_strided.default, torch.as_strided, torch.Tensor.as_strided)
+
+
+def _shift_offset(args: tuple, kwargs: dict, base: int) -> tuple[tuple, dict]:
+    if "storage_offset" in kwargs:
+        return args, {**kwargs, "storage_offset": (kwargs["storage_offset"] or 0) + base}
+    offset = args[2] if args[2] is not None else 0
+    return (*args[:2], offset + base, *args[3:]), kwargs
 
 
 def _opaque_linear(input, weight: OffloadedTensor, bias=None) -> torch.Tensor:

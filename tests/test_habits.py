@@ -176,3 +176,73 @@ def test_linear_on_non_contiguous_input_is_bit_exact(shape, dims):
     assert torch.equal(model(x), plain(x))  # grad mode: the plain weight requires grad, ours does not
     with torch.no_grad():
         assert torch.equal(model(x), plain(x))
+
+
+# -- writes a review found lost (each: lands equal to the plain model, or raises) ---------------
+HOMES = ["zero-copy", "sync", "streaming", "disk"]
+
+
+def wrap_home(model, home, tmp_path, **kwargs):
+    from models import engine_for
+
+    if home == "disk":
+        return wrap_model_for_offload(model, offload="disk", disk_path=tmp_path, granularity="leaf", **kwargs)
+    return wrap_model_for_offload(model, engine=engine_for(home), granularity="leaf", **kwargs)
+
+
+def small(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Embedding(16, 8, max_norm=1.0), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+
+
+@pytest.mark.parametrize("home", HOMES)
+def test_as_strided_with_an_offset_writes_and_reads_the_weight_itself(home, tmp_path):
+    """A payload inside a host arena or a disk file starts at a storage offset: an explicit
+    as_strided offset is relative to the weight, not to the arena (it landed in the neighbour)."""
+    plain, model = small(), wrap_home(small(), home, tmp_path)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        model(ids)
+        for m in (plain, model):
+            m[1].bias.as_strided((2,), (1,), 1).copy_(torch.tensor([7.0, 8.0]))
+        assert torch.equal(model[1].bias.as_strided((3,), (2,), 1).materialize(), plain[1].bias.as_strided((3,), (2,), 1))
+        assert torch.equal(model(ids), plain(ids))
+    assert all(torch.equal(a, b) for a, b in zip(unwrap_model(model).state_dict().values(), plain.state_dict().values()))
+
+
+@pytest.mark.parametrize("home", HOMES)
+def test_embedding_max_norm_renormalizes_the_weight_like_the_plain_model(home, tmp_path):
+    plain, model = small(), wrap_home(small(), home, tmp_path)
+    ids = torch.tensor([[1, 2, 3, 9]])
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(ids), plain(ids))
+    assert torch.equal(unwrap_model(model)[0].weight, plain[0].weight)  # rows 1, 2, 3, 9 renormalized in place
+    fp8 = wrap_model_for_offload(small(), storage_dtype=torch.float8_e4m3fn)
+    before = fp8[0].weight.payload_value().clone()
+    with pytest.raises(RefusedOpError, match="embedding_renorm_"), torch.no_grad():
+        fp8(ids)
+    assert torch.equal(fp8[0].weight.payload_value(), before)
+
+
+@pytest.mark.parametrize("home", HOMES)
+def test_foreach_and_multi_output_out_writes_return_what_torch_returns(home, tmp_path):
+    plain, model = small(), wrap_home(small(), home, tmp_path)
+    with torch.no_grad():
+        for m in (plain, model):
+            torch._foreach_mul_([m[1].weight], 2.0)
+            torch._foreach_lerp_([m[3].weight], [torch.ones(4, 8)], 0.5)  # an EMA update
+            values, indices = torch.sort(torch.randn(4, generator=torch.Generator().manual_seed(0)), out=(m[3].bias, torch.empty(4, dtype=torch.long)))
+            assert values is m[3].bias and indices.dtype == torch.long
+        assert torch.equal(model(torch.tensor([[1, 2]])), plain(torch.tensor([[1, 2]])))
+
+
+@pytest.mark.parametrize("home", HOMES)
+def test_numpy_views_of_weights_are_read_only(home, tmp_path):
+    """A write through a numpy array of a fetched or decoded copy would go nowhere: numpy refuses it."""
+    plain, model = small(), wrap_home(small(), home, tmp_path)
+    for array in (model[1].weight.detach().numpy(), np.asarray(model[1].weight)):
+        np.testing.assert_array_equal(array, plain[1].weight.detach().numpy())
+        with pytest.raises(ValueError, match="read-only"):
+            array[0, 0] = 42.0
+    assert torch.equal(model[1].weight.materialize(), plain[1].weight)

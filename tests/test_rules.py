@@ -40,7 +40,7 @@ def r(*shape):
 TF_SAMPLES = {
     F.linear: ([r(3, 4), r(3)], lambda w, b: F.linear(r(2, 4), w, b)),
     F.bilinear: ([r(3, 4, 5), r(3)], lambda w, b: F.bilinear(r(2, 4), r(2, 5), w, b)),
-    F.embedding: ([r(10, 4)], lambda w: F.embedding(torch.tensor([[1, 7, 3]]), w)),
+    F.embedding: ([r(10, 4)], lambda w: F.embedding(torch.tensor([[1, 7, 3]]), w, max_norm=1.0)),  # renorms rows in place
     F.conv1d: ([r(3, 2, 3), r(3)], lambda w, b: F.conv1d(r(1, 2, 8), w, b)),
     F.conv2d: ([r(3, 2, 3, 3), r(3)], lambda w, b: F.conv2d(r(1, 2, 6, 6), w, b, padding=1)),
     F.conv3d: ([r(3, 2, 3, 3, 3)], lambda w: F.conv3d(r(1, 2, 4, 4, 4), w)),
@@ -54,8 +54,8 @@ TF_SAMPLES = {
     F.instance_norm: ([r(4), r(4)], lambda w, b: F.instance_norm(r(1, 4, 5), weight=w, bias=b)),  # kwargs
     F.prelu: ([r(1)], lambda w: F.prelu(r(2, 3), w)),
     torch.Tensor.tolist: ([r(3, 4)], lambda w: torch.tensor(w.tolist())),
-    torch.Tensor.numpy: ([r(3, 4)], lambda w: torch.from_numpy(w.numpy())),
-    torch.Tensor.__array__: ([r(3, 4)], lambda w: torch.from_numpy(np.asarray(w))),
+    torch.Tensor.numpy: ([r(3, 4)], lambda w: w.numpy()),
+    torch.Tensor.__array__: ([r(3, 4)], lambda w: np.asarray(w)),
     # nn.RNN/GRU/LSTM call these with their weights as one list: (w_ih, w_hh, b_ih, b_hh)
     torch._VF.lstm: ([r(8, 3), r(8, 2), r(8), r(8)], lambda *w: torch._VF.lstm(r(4, 1, 3), (r(1, 1, 2), r(1, 1, 2)), list(w), True, 1, 0.0, False, False, False)[0]),
     torch._VF.gru: ([r(6, 3), r(6, 2), r(6), r(6)], lambda *w: torch._VF.gru(r(4, 1, 3), r(1, 1, 2), list(w), True, 1, 0.0, False, False, False)[0]),
@@ -192,6 +192,10 @@ def test_row_is_hit_and_keeps_its_promise(op, handler, sample, seen):
         assert result._inner[0].data_ptr() != wrapped[0]._inner[0].data_ptr()
         assert int(result._key) != int(wrapped[0]._key)  # a new weight
         assert torch.equal(result.materialize(), weights[0])
+    elif handler is rules.embedding:  # the rows it read renormalized in the weight, then read
+        assert fetched >= 1 and torch.equal(result, expected) and torch.equal(wrapped[0].materialize(), plain[0])
+    elif handler is rules.to_numpy:  # the values, read-only: a write through the array would go nowhere
+        assert fetched >= 1 and np.array_equal(result, expected) and not result.flags.writeable
     elif handler in LANDS:
         assert result is wrapped[0] and torch.equal(wrapped[0].materialize(), expected)
     else:
