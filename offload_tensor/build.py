@@ -179,4 +179,4 @@ def _disk_group(plan: Plan, group: Group, names, kinds, weights, source) -> Disk
     if source.fingerprint != "memory" and path.exists():  # written from this checkpoint before: reuse
         return open_group(path, names, inner_names, metadata, expected)
     payloads = [k.encode(source.value(n).contiguous() if isinstance(k, Plain) else source.value(n)) for n, k in zip(names, kinds)]
-    return write_group(path, names, inner_names, payloads, metadata)
+    return write_group(path, names, inner_names, payloads, metadata, shared=source.fingerprint != "memory")

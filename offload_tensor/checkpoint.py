@@ -64,18 +64,50 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, StoredTensor], dict[
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON: {e}).") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not a JSON object).")
     metadata = header.pop("__metadata__", None) or {}
-    tensors = {}
-    for name, entry in header.items():
-        if entry["dtype"] not in DTYPES:
-            raise CheckpointError(f"{path}: {name} has dtype {entry['dtype']}, which offload_tensor does not read.")
-        begin, end = entry["data_offsets"]
-        if 8 + n + end > size:
+    tensors = {name: _stored(path, name, entry, 8 + n) for name, entry in header.items()}
+    for name, t in tensors.items():
+        if t.offset + t.nbytes > size:
             raise CheckpointError(
-                f"{path} is truncated: {name} ends at byte {8 + n + end}, the file has {size}. Download or write it again."
+                f"{path} is truncated: {name} ends at byte {t.offset + t.nbytes}, the file has {size}. Download or write "
+                "it again."
             )
-        tensors[name] = StoredTensor(path, DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + n + begin, end - begin)
     return tensors, metadata
+
+
+def _stored(path: str, name: str, entry, data_start: int) -> StoredTensor:
+    """One header entry, checked: a malformed one would otherwise surface as a KeyError here or a
+    short read mid-build, after part of the model was changed."""
+    broken = f"{path}: the header entry of {name} is malformed"
+    fix = "the file is damaged or was not written by safetensors; download or write it again."
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise CheckpointError(f"{broken} ({entry!r}; it needs dtype, shape and data_offsets): {fix}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPES:
+        raise CheckpointError(f"{path}: {name} has dtype {dtype}, which offload_tensor does not read.")
+    if not _ints(shape) or not _ints(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
+        raise CheckpointError(f"{broken} (shape {shape!r}, data_offsets {offsets!r}): {fix}")
+    begin, end = offsets
+    expected = DTYPES[dtype].itemsize * _numel(shape)
+    if end - begin != expected:
+        raise CheckpointError(
+            f"{broken}: its data_offsets {offsets} span {end - begin} bytes, its shape {tuple(shape)} of {dtype} needs "
+            f"{expected}: {fix}"
+        )
+    return StoredTensor(path, DTYPES[dtype], tuple(shape), data_start + begin, end - begin)
+
+
+def _ints(values) -> bool:
+    return isinstance(values, list) and all(type(v) is int and v >= 0 for v in values)
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for d in shape:
+        count *= d
+    return count
 
 
 def checkpoint_files(checkpoint: str | os.PathLike) -> list[Path]:
@@ -92,8 +124,7 @@ def checkpoint_files(checkpoint: str | os.PathLike) -> list[Path]:
     if len(indexes) > 1:
         raise CheckpointError(f"{path} holds several checkpoints ({[i.name for i in indexes]}); pass the one to load.")
     if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        files = [path / name for name in sorted(set(weight_map.values()))]
+        files = [path / name for name in sorted(set(_weight_map(indexes[0]).values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{indexes[0]} names shards that are not in {path}: {missing}.")
@@ -106,6 +137,20 @@ def checkpoint_files(checkpoint: str | os.PathLike) -> list[Path]:
             "folder with one checkpoint."
         )
     return files
+
+
+def _weight_map(index_file: Path) -> dict[str, str]:
+    """The `weight_map` (tensor name -> shard file name) of a `*.safetensors.index.json`."""
+    fix = "the index is damaged; download it again, or remove it to load a folder holding a single .safetensors file."
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index_file} is not JSON ({e}): {fix}") from e
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f'{index_file} has no "weight_map" object: {fix}') from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f'{index_file}: its "weight_map" is not an object of tensor name -> shard file: {fix}')
+    return weight_map
 
 
 def index(checkpoint: str | os.PathLike) -> dict[str, StoredTensor]:
@@ -142,6 +187,24 @@ def read_into(stored: StoredTensor, out: torch.Tensor, fd: int | None = None) ->
             os.close(fd)
 
 
+def same_bytes(a: StoredTensor, b: StoredTensor, chunk: int = 64 << 20) -> bool:
+    """Whether two stored tensors hold the same bytes (shape and dtype included), compared a chunk
+    at a time: tied weights can be the largest tensors of a model (a vocabulary's embedding)."""
+    if (a.dtype, a.shape, a.nbytes) != (b.dtype, b.shape, b.nbytes):
+        return False
+    if (a.path, a.offset) == (b.path, b.offset):
+        return True
+    x, y = torch.empty(min(chunk, a.nbytes), dtype=torch.uint8), torch.empty(min(chunk, a.nbytes), dtype=torch.uint8)
+    with open(a.path, "rb") as fa, open(b.path, "rb") as fb:
+        for start in range(0, a.nbytes, chunk):
+            n = min(chunk, a.nbytes - start)
+            read_exactly(fa.fileno(), byte_view(x[:n]), a.offset + start, a.path)
+            read_exactly(fb.fileno(), byte_view(y[:n]), b.offset + start, b.path)
+            if not torch.equal(x[:n], y[:n]):
+                return False
+    return True
+
+
 def read_exactly(fd: int, buffer: memoryview, offset: int, path: str) -> None:
     done = 0
     while done < len(buffer):
@@ -153,7 +216,14 @@ def read_exactly(fd: int, buffer: memoryview, offset: int, path: str) -> None:
 
 def byte_view(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, writable (for preadv)."""
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy()).cast("B")
+    return memoryview(_bytes(t).numpy()).cast("B")
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as a 1-d uint8 view of the same memory. Flattened first: torch
+    refuses to view a 0-d tensor (a BatchNorm's num_batches_tracked, a scalar parameter) as
+    another element size."""
+    return t.reshape(-1).view(torch.uint8)
 
 
 ALIGN = 64  # bytes: where a tensor starts in files we write, as the CPU allocator aligns memory
@@ -191,7 +261,7 @@ def write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
             f.write(encoded)
             for t in chunks:
                 if t.nbytes:
-                    f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+                    f.write(memoryview(_bytes(t).numpy()))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from compile_rules.table import TORCH_FUNCTION_RULES, Offloaded, RefusedOpError, aten_rule, refuse_jit_trace
 from offload_tensor import ops
+from offload_tensor.engine import disk
 from offload_tensor.payloads import PayloadKind
 
 _DisableTorchFunctionSubclass = torch._C.DisableTorchFunctionSubclass
@@ -244,6 +245,7 @@ class OffloadedTensor(Offloaded):
             )
 
     def _before_write(self) -> None:
+        disk.before_write(self._inner)  # a payload in a checkpoint's cache file moves to a copy of its own
         if self._key is not None:
             ops.before_write(self._key)
 

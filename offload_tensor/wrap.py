@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from offload_tensor import integrations, ops
 from offload_tensor.build import Built, CheckpointSource, ModelSource, build, resident_payloads
 from offload_tensor.checkpoint import CheckpointError, checkpoint_files, index
-from offload_tensor.engine import Engine, SynchronousEngine
+from offload_tensor.engine import Engine, SynchronousEngine, disk
 from offload_tensor.payloads import SUPPORTED, leaves, subclass_kind
 from offload_tensor.planner import (
     Plan,
@@ -192,6 +192,7 @@ def wrap_model_for_offload(
             for name, w in weights.items()
         }
         buffers = _buffers(model, where.device, loaded_buffers)
+        built.payloads.clear()  # the weights hold them now; set_budget reads the homes
 
     # -- install: every change recorded in the state -------------------------------------------
     state = OffloadState(
@@ -250,6 +251,7 @@ def set_budget(model: nn.Module, budget: int | str, *, reserve: int | str = 0) -
             "(every group streamed). Raise the budget, or wrap again with a lower prefetch or granularity='leaf'."
         )
     with torch.inference_mode(False):
+        _write_back_resident(old, state)
         keys, payloads = {}, {}
         for group, home in zip(plan.groups, state.built.homes):
             group_payloads = resident_payloads(home, plan.device) if group.resident else home.payloads()
@@ -285,6 +287,34 @@ def set_budget(model: nn.Module, budget: int | str, *, reserve: int | str = 0) -
     state.engine, state.plan, state.weights = engine, plan, new
     state.tier_of_key = {int(keys[n]): g.home for g in plan.groups if g.streamed for n in g.weights}
     return plan
+
+
+def _write_back_resident(plan: Plan, state: OffloadState) -> None:
+    """A resident group computes from a copy of its home (on the GPU, or read from its disk file
+    into RAM), and writes land in that copy. Before a new plan reads the homes again, each home
+    takes what was written (a checkpoint's cache file is first copied to a file of this model's)."""
+    for group, home in zip(plan.groups, state.built.homes):
+        if not group.resident or home is None:
+            continue
+        on_disk = isinstance(home, disk.DiskGroup)
+        # a disk file is read, not mapped: its pages stay out of this process's RSS
+        homes = resident_payloads(home, torch.device("cpu")) if on_disk else home.payloads()
+        for i, (name, stored) in enumerate(zip(group.weights, homes)):
+            current = state.weights[name]._inner
+            if all(c.untyped_storage().data_ptr() == h.untyped_storage().data_ptr() for c, h in zip(current, stored)):
+                continue  # the home itself (an arena on the CPU)
+            if all(_same_bytes(c, h) for c, h in zip(current, stored)):
+                continue
+            if on_disk:
+                home.write(i, current)
+            else:
+                for c, h in zip(current, stored):
+                    h.copy_(c)
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-equal (torch.equal on values misses -0.0 over 0.0 and never matches a NaN)."""
+    return torch.equal(a.detach().cpu().reshape(-1).view(torch.uint8), b.detach().cpu().reshape(-1).view(torch.uint8))
 
 
 def available_ram() -> int:
@@ -371,13 +401,41 @@ def _default_engine(where: Placement, plan: Plan) -> Engine:
 
 def _source(model, slots, weights, checkpoint):
     """Where the values come from: the model itself, or a checkpoint matched against it (every
-    weight found once, no key left over, shapes and dtypes equal); and the buffers it loads."""
+    weight and persistent buffer found, tied weights stored once or with equal bytes, no key left
+    over, shapes and dtypes equal: torch's strict load_state_dict); and the buffers it loads.
+    Everything is checked here, before the model is changed."""
     if checkpoint is None:
         return ModelSource(weights), {}
     stored = index(checkpoint)
     aliases: dict[int, list[str]] = {}
     for qualname, _, _, param in slots:
         aliases.setdefault(id(param), []).append(qualname)
+    found, problems = _match_weights(weights, aliases, stored)
+    loaded_buffers, buffer_problems = _match_buffers(model, stored)
+    problems += buffer_problems
+    all_buffers = {f"{m}.{b}" if m else b for m, module in model.named_modules() for b in module._buffers}
+    known = {a for names in aliases.values() for a in names} | all_buffers  # old checkpoints hold non-persistent buffers
+    problems += [f"unexpected key {k}" for k in sorted(stored.keys() - known)]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(f"checkpoint {os.fspath(checkpoint)!r} does not fit {type(model).__name__}: {shown}.")
+    return CheckpointSource(found, checkpoint_files(checkpoint)), loaded_buffers
+
+
+def _mismatch(key: str, s, t: torch.Tensor) -> str | None:
+    """The problem when stored tensor `s` cannot be loaded as `t` as it is (no cast: a weight is
+    stored in the dtype it is computed in, and a cast would be a silent change of values)."""
+    if tuple(s.shape) != tuple(t.shape) or s.dtype != t.dtype:
+        return f"{key}: the checkpoint has {tuple(s.shape)} {s.dtype}, the model {tuple(t.shape)} {t.dtype}"
+    return None
+
+
+def _match_weights(weights, aliases, stored):
+    """Each weight's stored tensor, and the problems. A tied weight (one parameter under several
+    names) may be stored under more than one of them, as untied checkpoints are; then those must
+    hold the same bytes, else which one loads would be an arbitrary pick."""
+    from offload_tensor.checkpoint import same_bytes
+
     found, problems = {}, []
     for name, w in weights.items():
         present = [a for a in aliases[id(w)] if a in stored]
@@ -385,36 +443,42 @@ def _source(model, slots, weights, checkpoint):
             problems.append(f"missing key {name}")
             continue
         s = stored[present[0]]
-        if tuple(s.shape) != tuple(w.shape) or s.dtype != w.dtype:
-            problems.append(f"{present[0]}: the checkpoint has {tuple(s.shape)} {s.dtype}, the model {tuple(w.shape)} {w.dtype}")
+        problems += filter(None, [_mismatch(present[0], s, w)])
+        problems += [
+            f"{present[0]} and {other} hold different values, but the model ties them (one weight); load into a "
+            "model built untied (e.g. tie_word_embeddings=False), or save the checkpoint from the tied model"
+            for other in present[1:]
+            if not same_bytes(s, stored[other])
+        ]
         found[name] = s
-    persistent = {
-        (f"{m_name}.{b_name}" if m_name else b_name): (module, b_name)
-        for m_name, module in model.named_modules()
-        for b_name, buf in module._buffers.items()
-        if buf is not None and b_name not in module._non_persistent_buffers_set
-    }
-    all_buffers = {f"{m}.{b}" if m else b for m, module in model.named_modules() for b in module._buffers}
-    known = {a for names in aliases.values() for a in names} | all_buffers  # old checkpoints hold non-persistent buffers
-    problems += [f"unexpected key {k}" for k in sorted(stored.keys() - known)]
-    loaded_buffers = {}
-    for key, (module, b_name) in persistent.items():
-        buf = module._buffers[b_name]
-        if key in stored:
-            loaded_buffers[(module, b_name)] = stored[key]
-        elif buf.is_meta:
-            problems.append(f"missing key {key} (a buffer on the meta device)")
-    for module in model.modules():
-        for b_name in module._non_persistent_buffers_set:
-            if module._buffers.get(b_name) is not None and module._buffers[b_name].is_meta:
-                problems.append(
-                    f"{type(module).__name__}.{b_name} is a non-persistent buffer on the meta device, which no checkpoint "
-                    "holds; build the model under accelerate.init_empty_weights() (it keeps buffers real)"
-                )
-    if problems:
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise CheckpointError(f"checkpoint {os.fspath(checkpoint)!r} does not fit {type(model).__name__}: {shown}.")
-    return CheckpointSource(found, checkpoint_files(checkpoint)), loaded_buffers
+    return found, problems
+
+
+def _match_buffers(model, stored):
+    """The stored tensor of every persistent buffer, and the problems: as for weights, a persistent
+    buffer missing from the checkpoint or of another shape or dtype is refused, whether the model
+    holds it on the meta device or real (init_empty_weights): an init value left in place, or a
+    stored value that broadcasts, would change the output silently."""
+    loaded, problems = {}, []
+    for m_name, module in model.named_modules():
+        for b_name, buf in module._buffers.items():
+            if buf is None:
+                continue
+            key = f"{m_name}.{b_name}" if m_name else b_name
+            if b_name in module._non_persistent_buffers_set:
+                if buf.is_meta:  # no checkpoint holds it, so its value would never exist
+                    problems.append(
+                        f"{type(module).__name__}.{b_name} is a non-persistent buffer on the meta device, which "
+                        "no checkpoint holds; build the model under accelerate.init_empty_weights() (it keeps "
+                        "buffers real)"
+                    )
+            elif key not in stored:
+                problems.append(f"missing key {key} (a buffer)")
+            elif (problem := _mismatch(key, stored[key], buf)) is not None:
+                problems.append(problem)
+            else:
+                loaded[(module, b_name)] = stored[key]
+    return loaded, problems
 
 
 def _buffers(model: nn.Module, device: torch.device, loaded: dict) -> list[tuple[nn.Module, str, torch.device, torch.Tensor]]:

@@ -249,3 +249,161 @@ def test_from_pretrained_builds_on_meta_and_loads_in_the_checkpoints_dtypes(tmp_
         assert torch.equal(a.materialize(), b), name
     with pytest.raises(ValueError, match="local folder"):
         from_pretrained(FluxTransformer2DModel, "black-forest-labs/FLUX.1-dev", subfolder="transformer")
+
+
+class _Scaled(torch.nn.Module):
+    """A BatchNorm (its 0-d `num_batches_tracked` buffer) and a scalar parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.norm = torch.nn.BatchNorm1d(4)
+        self.gain = torch.nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        return self.norm(self.lin(x)) * self.gain
+
+
+def _trained_scaled() -> _Scaled:
+    torch.manual_seed(0)
+    model = _Scaled()
+    with torch.no_grad():
+        model(torch.randn(8, 4))  # running stats and num_batches_tracked away from their init values
+        model.gain.fill_(1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+def test_zero_dim_tensors_load_from_a_checkpoint(tier, tmp_path):
+    plain = _trained_scaled()
+    save_file(plain.state_dict(), tmp_path / "scaled.safetensors")
+    with init_empty_weights():
+        meta = _Scaled().eval()
+    kwargs = {"offload": tmp_path / "disk"} if tier == "disk" else {}
+    model = wrap_model_for_offload(meta, checkpoint=tmp_path / "scaled.safetensors", device="cpu", **kwargs)
+    assert torch.equal(model.norm.num_batches_tracked, plain.norm.num_batches_tracked)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+
+
+def test_a_scalar_parameter_goes_to_the_disk_tier(tmp_path):
+    plain = _trained_scaled()
+    model = wrap_model_for_offload(_trained_scaled(), device="cpu", offload=tmp_path / "disk")
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+
+
+def test_from_pretrained_keeps_non_persistent_buffers(tmp_path):
+    """Wan's rotary tables are non-persistent buffers: no checkpoint holds them, so the model must
+    be built with real buffers (init_empty_weights), not on the meta device."""
+    from diffusers import WanTransformer3DModel
+
+    from offload_tensor import from_pretrained
+
+    WAN.make().save_pretrained(tmp_path / "pipe" / "transformer")
+    model = from_pretrained(WanTransformer3DModel, tmp_path / "pipe", subfolder="transformer", device="cpu")
+    assert run(model, WAN).equal(run(WAN.make(), WAN))
+
+
+class _WithBuffer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.register_buffer("scale", torch.ones(4))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+BAD_BUFFERS = {
+    "missing": (lambda t: t.pop("scale"), "missing key scale"),
+    "shape": (lambda t: t.__setitem__("scale", torch.full((1,), 3.5)), r"scale: the checkpoint has \(1,\) .*\(4,\)"),
+    "dtype": (lambda t: t.__setitem__("scale", t["scale"].double()), r"scale: .*torch.float64.*torch.float32"),
+}
+
+
+@pytest.mark.parametrize("problem", list(BAD_BUFFERS))
+@pytest.mark.parametrize("build", ["init_empty_weights", "meta"])
+def test_a_persistent_buffer_that_does_not_fit_is_refused(problem, build, tmp_path):
+    """As torch's strict load_state_dict: a persistent buffer is a key like any weight, also when
+    the model keeps real buffers (init_empty_weights)."""
+    edit, message = BAD_BUFFERS[problem]
+    tensors = _WithBuffer().state_dict()
+    edit(tensors)
+    save_file(tensors, tmp_path / "bad.safetensors")
+    with init_empty_weights() if build == "init_empty_weights" else torch.device("meta"):
+        model = _WithBuffer()
+    with pytest.raises(CheckpointError, match=message):
+        wrap_model_for_offload(model, checkpoint=tmp_path / "bad.safetensors", device="cpu")
+    assert not is_wrapped(model)
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(8, 4)
+        self.head = torch.nn.Linear(4, 8, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+
+
+def test_a_tied_weight_stored_twice_must_hold_the_same_bytes(tmp_path):
+    torch.manual_seed(0)
+    plain = _Tied()
+    ids = torch.tensor([[1, 2, 3]])
+    same = {"embed.weight": plain.embed.weight.detach().clone(), "head.weight": plain.embed.weight.detach().clone()}
+    save_file(same, tmp_path / "same.safetensors")
+    with torch.device("meta"):
+        model = _Tied()
+    wrap_model_for_offload(model, checkpoint=tmp_path / "same.safetensors", device="cpu")
+    with torch.no_grad():
+        assert torch.equal(model(ids), plain(ids))
+    other = {**same, "head.weight": same["head.weight"] + 1}  # an untied checkpoint: which one would win?
+    save_file(other, tmp_path / "other.safetensors")
+    with torch.device("meta"):
+        model = _Tied()
+    with pytest.raises(CheckpointError, match="embed.weight.*head.weight.*tied"):
+        wrap_model_for_offload(model, checkpoint=tmp_path / "other.safetensors", device="cpu")
+    assert not is_wrapped(model)
+
+
+def _safetensors(path: Path, header: dict, data_bytes: int) -> Path:
+    import json
+    import struct
+
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + bytes(data_bytes))
+    return path
+
+
+BAD_HEADERS = {
+    "offsets": ({"weight": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 32]},
+                 "bias": {"dtype": "F32", "shape": [4], "data_offsets": [32, 48]}}, r"weight.*32 bytes.*64"),
+    "no dtype": ({"weight": {"shape": [4, 4], "data_offsets": [0, 64]},
+                  "bias": {"dtype": "F32", "shape": [4], "data_offsets": [64, 80]}}, r"weight.*dtype"),
+    "not an entry": ({"weight": [1, 2]}, r"weight"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("problem", list(BAD_HEADERS))
+def test_a_malformed_header_is_refused_naming_the_file(problem, tmp_path):
+    header, message = BAD_HEADERS[problem]
+    path = _safetensors(tmp_path / "c.safetensors", header, 80)
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 4)
+    with pytest.raises(CheckpointError, match=rf"c.safetensors.*{message}"):
+        wrap_model_for_offload(model, checkpoint=path, device="cpu")
+    assert not is_wrapped(model)
+
+
+@pytest.mark.parametrize("text", ["{not json", "{}", '{"weight_map": ["a.safetensors"]}'])
+def test_a_malformed_index_is_refused_naming_it(text, tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text(text)
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 4)
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json"):
+        wrap_model_for_offload(model, checkpoint=tmp_path, device="cpu")

@@ -22,9 +22,12 @@ device slot on the CUDA backend's copy stream.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import mmap
 import os
+import shutil
+import uuid
 import weakref
 from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,16 +49,86 @@ class DiskGroup:
     offset: int
     nbytes: int
     placements: list[list[Placement]]
+    shared: bool = False  # a cache of a checkpoint: other wraps (and processes) read the same file
     _map: mmap.mmap | None = field(default=None, repr=False)
 
     def payloads(self) -> list[tuple[torch.Tensor, ...]]:
         """The payload tensors as views of a shared memory map of the file (reads fault pages in;
-        writes land in the file)."""
+        writes land in the file: see `before_write`)."""
         if self._map is None:
             with open(self.path, "r+b") as f:
                 self._map = mmap.mmap(f.fileno(), 0)
-        flat = torch.frombuffer(self._map, dtype=torch.uint8)[self.offset : self.offset + self.nbytes]
-        return [tuple(p.view(flat) for p in weight) for weight in self.placements]
+        flat = torch.frombuffer(self._map, dtype=torch.uint8)
+        _MAPPED[flat.data_ptr()] = self
+        return [tuple(p.view(flat[self.offset : self.offset + self.nbytes]) for p in weight) for weight in self.placements]
+
+    def write(self, index: int, values: Sequence[torch.Tensor]) -> None:
+        """Write weight `index`'s payload tensors into the file (with pwrite: no page of the memory
+        map enters this process's RSS), moving to a private copy first if the file is shared."""
+        self.make_private()
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            for placement, value in zip(self.placements[index], values):
+                flat = torch.empty(placement.nbytes // placement.dtype.itemsize, dtype=placement.dtype)
+                flat.as_strided(placement.shape, placement.stride).copy_(value)  # in the file's layout
+                raw, written = byte_view(flat), 0
+                while written < len(raw):
+                    written += os.pwrite(fd, raw[written:], self.offset + placement.offset + written)
+        finally:
+            os.close(fd)
+
+    def make_private(self) -> None:
+        """Before the first write into a shared file: copy it to a file of this wrap's own and map
+        the copy at the same address, so every payload view now reads and writes the copy. The
+        cache, and every other model reading it, keep the checkpoint's values."""
+        if not self.shared:
+            return
+        private = unique_file(self.path)
+        shutil.copyfile(self.path, private)
+        if self._map is not None:
+            _remap_in_place(self._map, private)
+        self.path, self.shared = private, False
+        weakref.finalize(self, _unlink, private)
+
+
+_MAPPED: weakref.WeakValueDictionary[int, DiskGroup] = weakref.WeakValueDictionary()  # map address -> group
+
+
+def before_write(payload: Sequence[torch.Tensor]) -> None:
+    """Called before anything writes into a payload: a payload in a shared disk file is moved to
+    a private copy first (a write never reaches a checkpoint cache)."""
+    for t in payload:
+        group = _MAPPED.get(t.untyped_storage().data_ptr())
+        if group is not None:
+            group.make_private()
+
+
+def unique_file(path: Path) -> Path:
+    """A new name beside `path` for a file of this wrap alone (deleted when its group is collected)."""
+    return path.with_name(f"{path.name.removesuffix('.safetensors')}.{os.getpid()}-{uuid.uuid4().hex[:12]}.safetensors")
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _remap_in_place(mapped: mmap.mmap, path: Path) -> None:
+    """Map `path` over the pages of `mapped` (same address, same length; MAP_FIXED replaces the
+    old mapping atomically), so tensors viewing those pages see the new file."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    address = torch.frombuffer(mapped, dtype=torch.uint8).data_ptr()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        got = libc.mmap(address, len(mapped), mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | 0x10, fd, 0)  # 0x10: MAP_FIXED
+        if got != address:
+            raise OSError(ctypes.get_errno(), f"could not map {path} in place of the shared file")
+    finally:
+        os.close(fd)
 
 
 def read_exactly_into(group: DiskGroup, arena: torch.Tensor) -> None:
@@ -81,14 +154,21 @@ def group_file(folder: Path, group_name: str, layout: str) -> Path:
 
 
 def write_group(path: Path, names: Sequence[str], inner_names: Sequence[Sequence[str]],
-                payloads: Sequence[Sequence[torch.Tensor]], metadata: dict[str, str]) -> DiskGroup:  # fmt: skip
+                payloads: Sequence[Sequence[torch.Tensor]], metadata: dict[str, str], *, shared: bool) -> DiskGroup:  # fmt: skip
+    """Write a group's file. `shared`: a cache of a checkpoint, at its reusable name; else a file of
+    this wrap alone, at a name no other wrap uses, deleted when the group is collected."""
+    if not shared:
+        path = unique_file(path)
     tensors = {f"{n}.{inner}": t for n, inners, ts in zip(names, inner_names, payloads) for inner, t in zip(inners, ts)}
     write_atomically(path, tensors, metadata)
-    return open_group(path, names, inner_names, metadata)
+    group = open_group(path, names, inner_names, metadata, shared=shared)
+    if not shared:
+        weakref.finalize(group, _unlink, path)
+    return group
 
 
 def open_group(path: Path, names: Sequence[str], inner_names: Sequence[Sequence[str]], metadata: dict[str, str],
-               specs: Sequence[Sequence[tuple]] | None = None) -> DiskGroup:  # fmt: skip
+               specs: Sequence[Sequence[tuple]] | None = None, *, shared: bool = True) -> DiskGroup:  # fmt: skip
     """The group stored in `path`, checked: every tensor present with the expected shape and dtype
     (`specs`: (shape, dtype) per payload tensor), inside the file, and `metadata` as written."""
     stored, found_metadata = read_header(path)
@@ -118,7 +198,7 @@ def open_group(path: Path, names: Sequence[str], inner_names: Sequence[Sequence[
         [Placement(e.offset - start, torch.Size(e.shape), contiguous_stride(e.shape), e.dtype) for e in weight]
         for weight in entries
     ]
-    return DiskGroup(path, start, end - start, placements)
+    return DiskGroup(path, start, end - start, placements, shared)
 
 
 IO_ALIGN = 4096  # direct I/O needs buffer, offset and length aligned to the device's block size

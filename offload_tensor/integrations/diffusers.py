@@ -307,7 +307,8 @@ INTEGRATION = register(
 
 def from_pretrained(cls, path, *, subfolder: str | None = None, **kwargs) -> nn.Module:
     """`cls.from_pretrained` for a model that should never be in RAM whole: `cls` (a diffusers
-    model class) is built from its config on the meta device, each weight in the dtype its
+    model class) is built from its config with its weights on the meta device (buffers real,
+    as accelerate.init_empty_weights builds them), each weight in the dtype its
     checkpoint holds, then wrapped with `checkpoint=` the safetensors under `path[/subfolder]`
     (the rest of the keyword arguments are wrap_model_for_offload's: budget, offload, ...).
     Local folders only: nothing is downloaded.
@@ -325,10 +326,19 @@ def from_pretrained(cls, path, *, subfolder: str | None = None, **kwargs) -> nn.
     folder = Path(path) / subfolder if subfolder else Path(path)
     if not folder.is_dir():
         raise ValueError(f"{os.fspath(folder)!r} is not a local folder; offload_tensor loads local checkpoints only.")
-    with torch.device("meta"):
+    from accelerate import init_empty_weights
+
+    # Weights on the meta device, buffers real: non-persistent ones (rotary tables) are in no
+    # checkpoint, so they keep the values the constructor computed.
+    with init_empty_weights():
         model = cls.from_config(cls.load_config(folder)).eval()
     stored = index(folder)
     for name, param in model.named_parameters():
         if name in stored and stored[name].dtype != param.dtype:
             param.data = torch.empty_like(param, dtype=stored[name].dtype)  # as the checkpoint holds it
+    for module_name, module in model.named_modules():
+        for name, buf in module._buffers.items():  # persistent buffers too: their values come from the checkpoint
+            key = f"{module_name}.{name}" if module_name else name
+            if buf is not None and key in stored and stored[key].dtype != buf.dtype:
+                module._buffers[name] = buf.to(stored[key].dtype)
     return wrap_model_for_offload(model, checkpoint=folder, **kwargs)
