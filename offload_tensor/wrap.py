@@ -570,10 +570,16 @@ def _guarded_apply(module: nn.Module, dtypes: tuple[torch.dtype, ...], device: t
 
 def _plain_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
     # Hands out plain tensors (the payload, or its dequantized value) on the offload device, so
-    # safetensors can save them and a plain model can load them.
+    # safetensors can save them and a plain model can load them. A payload an engine fetches is
+    # handed out as a copy: a write into it would reach the payload without the engine knowing
+    # (its device copy stale); a copy makes every such write equally lost, none half-seen.
     for name, param in module._parameters.items():
         if isinstance(param, OffloadedTensor) and prefix + name in state_dict:
-            state_dict[prefix + name] = param.payload_value().detach()
+            value = param.payload_value().detach()
+            if param._key is not None and any(value.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+                                               for t in param._inner):  # fmt: skip
+                value = value.clone()
+            state_dict[prefix + name] = value
 
 
 _WRAPPED_MODULE = "_offload_tensor_wrapped"

@@ -246,3 +246,24 @@ def test_numpy_views_of_weights_are_read_only(home, tmp_path):
         with pytest.raises(ValueError, match="read-only"):
             array[0, 0] = 42.0
     assert torch.equal(model[1].weight.materialize(), plain[1].weight)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["one-weight-groups", "two-weight-groups"])
+def test_state_dict_of_fetched_weights_is_a_copy_never_half_seen(bias):
+    """A write into a state_dict tensor of a streamed weight went into the host arena behind the
+    engine's back when the group held one weight (the forward kept the stale slot, unwrap showed
+    the write). Such tensors are copies now: the model is unchanged, in every view of it."""
+    from models import engine_for
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8, bias=bias), nn.Linear(8, 8, bias=bias)).eval()
+
+    x = torch.randn(2, 8)
+    model = wrap_model_for_offload(build(), engine=engine_for("streaming"), granularity="leaf")
+    with torch.no_grad():
+        expected = build()(x)
+        model(x)
+        model.state_dict()["0.weight"].mul_(2)
+        assert torch.equal(model(x), expected)
+    assert torch.equal(unwrap_model(model)(x), expected)
