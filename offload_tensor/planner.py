@@ -307,8 +307,8 @@ def plan(
     from offload_tensor.policy import placement as make_placement
 
     budget, ram = budget_and_ram(budget, ram, max_memory, device)
-    where = make_placement(device, offload, disk_path or (os.devnull if offload == "disk" else None), budget,
-                           reserve=reserve, check_device=False)  # fmt: skip
+    # A plan writes no file: the disk tier needs no folder here (wrapping still asks for one).
+    where = make_placement(device, offload, disk_path, budget, reserve=reserve, check_device=False, needs_folder=False)
     storage, streaming = Storage(storage_dtype, fp8_scale), Streaming(prefetch, pin_memory, granularity)
     components = integrations.components(model_or_pipeline)
     if components is None:

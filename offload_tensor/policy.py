@@ -90,9 +90,12 @@ class Placement:
         return "device" if self.device.type == "cuda" else "ram"
 
 
-def placement(device, offload, disk_path, budget=None, reserve=0, check_device: bool = True) -> Placement:
+def placement(device, offload, disk_path, budget=None, reserve=0, check_device: bool = True,
+              needs_folder: bool = True) -> Placement:  # fmt: skip
     """The placement for the arguments of wrap_model_for_offload (validated; resolves `device`).
-    `check_device=False`: a plan for a device this machine may not have."""
+    `check_device=False`: a plan for a device this machine may not have. `needs_folder=False`:
+    a plan, which writes no file, so offload='disk' may come without disk_path (a disk_path that
+    is given is still checked)."""
     compute = compute_device(device) if check_device else _planned_device(device)
     if isinstance(offload, torch.device):
         offload = str(offload)
@@ -105,10 +108,10 @@ def placement(device, offload, disk_path, budget=None, reserve=0, check_device: 
     if offload not in ("cpu", "disk"):
         raise ValueError(f"offload={offload!r} is not understood; use 'cpu' (host RAM), 'disk' (with disk_path=), or a folder.")
     if offload == "disk":
-        if disk_path is None:
+        if disk_path is None and needs_folder:
             raise ValueError("offload='disk' needs disk_path=: the folder where the weights are written.")
-        disk_path = Path(disk_path)
-        if disk_path.exists() and not disk_path.is_dir():
+        disk_path = None if disk_path is None else Path(disk_path)
+        if disk_path is not None and disk_path.exists() and not disk_path.is_dir():
             raise ValueError(f"disk_path={os.fspath(disk_path)!r} is a file; pass a folder (created if missing).")
     elif disk_path is not None:
         raise ValueError(f"disk_path={os.fspath(disk_path)!r} is given but offload={offload!r}; pass offload='disk'.")

@@ -223,6 +223,14 @@ def wrap_model_for_offload(
     return model
 
 
+def _cpu_without_a_tier(state: OffloadState) -> bool:
+    """Computing on the CPU with offload='cpu', every weight is where the model computes: nothing
+    to stream from, whether its groups have homes (RAM arenas, from a checkpoint) or not. As in
+    wrap_model_for_offload, only an engine of the caller's that plans streaming (replan) may."""
+    where = state.plan.placement
+    return where.device.type == "cpu" and where.offload == "cpu" and not hasattr(state.engine, "replan")
+
+
 def set_budget(model: nn.Module, budget: int | str, *, reserve: int | str = 0) -> Plan:
     """Plan a wrapped model again for another budget, without wrapping it again: groups move
     between resident (where the model computes) and streamed (from their home). Returns the new
@@ -235,6 +243,11 @@ def set_budget(model: nn.Module, budget: int | str, *, reserve: int | str = 0) -
     """
     state = offload_state(model, "set_budget")
     old = state.plan
+    if _cpu_without_a_tier(state):
+        raise ValueError(
+            f"set_budget: {type(model).__name__} computes on the CPU with offload='cpu', where every weight is already; "
+            "a budget needs a tier to stream from: wrap it again with offload='disk' (disk_path=...)."
+        )
     if any(home is None for home in state.built.homes):
         raise ValueError(
             f"set_budget: {type(model).__name__} computes on {old.device} with its weights where they are; a budget "

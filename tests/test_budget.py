@@ -132,6 +132,21 @@ def test_budget_without_a_tier_to_stream_from_is_refused():
         set_budget(model, "1GiB")
 
 
+def test_set_budget_on_a_checkpoint_loaded_on_the_cpu_is_refused_and_changes_nothing(tmp_path):
+    """Loaded from a checkpoint, the groups have RAM arenas as homes; computing on the CPU with
+    offload='cpu' there is still no tier to stream from, as wrap_model_for_offload says."""
+    from test_checkpoint import meta_like
+
+    FLUX.make().save_pretrained(tmp_path / "ckpt")
+    expected = run(FLUX.make())
+    model = wrap_model_for_offload(meta_like(FLUX), checkpoint=tmp_path / "ckpt", device="cpu")
+    params, plan = list(model.parameters()), model._offload_state.plan
+    with pytest.raises(ValueError, match="needs a tier to stream from.*offload='disk'"):
+        set_budget(model, "400KB")
+    assert list(model.parameters()) == params and model._offload_state.plan is plan
+    assert torch.equal(run(model), expected)
+
+
 def test_ram_too_small_says_what_is_needed_and_offers_the_disk_tier(tmp_path):
     FLUX.make().save_pretrained(tmp_path / "ckpt")
     from accelerate import init_empty_weights

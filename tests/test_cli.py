@@ -77,3 +77,9 @@ def test_bad_input_exits_2_with_one_line(args):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert "error" in lines[0]
+
+
+def test_plan_for_the_disk_tier_needs_no_folder():
+    done = cli("plan", "--model", "flux-dev", "--offload", "disk", "--budget", "12GiB", "--bandwidth", "2GB")
+    assert done.returncode == 0, done.stderr
+    assert "weights live on disk" in done.stdout and "from disk" in done.stdout

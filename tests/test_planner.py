@@ -67,3 +67,15 @@ def test_chosen_residents_fit_and_stream_the_fewest_bytes(sizes, budget, prefetc
     # greedy by size per candidate largest-streamed group: optimal for equal-size blocks, and
     # within the largest group of the best otherwise
     assert sum(sizes[i] for i in chosen) >= best - max(sizes)
+
+
+@pytest.mark.parametrize("budget", [None, "400KB"])
+def test_plan_for_the_disk_tier_needs_no_folder(budget, tmp_path):
+    """A plan writes no file: offload='disk' without disk_path plans the same as with one."""
+    without = plan(FLUX.make(), device="cpu", offload="disk", budget=budget)
+    with_folder = plan(FLUX.make(), device="cpu", offload="disk", disk_path=tmp_path, budget=budget)
+    assert "weights live on disk" in without.table().splitlines()[0]
+    assert without.table() == with_folder.table()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file; pass a folder"):  # a folder given is still checked
+        plan(FLUX.make(), device="cpu", offload="disk", disk_path=tmp_path / "file")

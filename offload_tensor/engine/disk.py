@@ -7,7 +7,9 @@ that hash and where the values came from (a checkpoint's fingerprint, or "memory
 written to a temporary name and renamed, so readers (another process wrapping from the same
 folder) see a whole file or none. On reuse the header is checked against the group (names,
 shapes, dtypes, byte ranges inside the file, layout hash, source): a truncated or stale file is a
-`CheckpointError` that names it, never wrong weights.
+`CheckpointError` that names it, never wrong weights. Only files written from a checkpoint are
+shared (reused); a write into one first moves its group to a private copy (`make_private`).
+Files written from memory get a name of their wrap's own and are deleted with their group.
 
 Reads. `DiskBackend` (computing on the CPU) loads a group with `os.preadv` straight into freshly
 allocated tensors, one per payload tensor, on a background thread, so reading overlaps compute
@@ -306,6 +308,16 @@ class _Files:
         self.direct.clear()
 
 
+def _unaliased(placements: Sequence[Placement], flat: torch.Tensor) -> list[torch.Tensor]:
+    """One weight's payload tensors out of its group's read buffer: the largest a view of the
+    buffer (no copy of the bulk of the bytes), every other one a copy of its own. The fetch op
+    returns a weight's tensors as one list whose entries must not alias each other (an fp8 or
+    quantized payload's data and scales would otherwise share the buffer's storage). The copies
+    hold no reference to the buffer, so the pool's use counts still see only the views."""
+    largest = max(range(len(placements)), key=lambda j: placements[j].nbytes, default=0)
+    return [p.view(flat) if j == largest else p.view(flat).clone() for j, p in enumerate(placements)]
+
+
 class DiskBackend:
     """Computing on the CPU: a group is read into fresh tensors by a background thread."""
 
@@ -326,8 +338,9 @@ class DiskBackend:
         self.slots = [None] * slots
 
     def _load(self, group: int) -> dict[Hashable, list[torch.Tensor]]:
-        """The group's bytes, read in one go into a fresh buffer; each weight's tensors are views
-        of it, handed over once (nothing keeps the buffer after that, see the module doc)."""
+        """The group's bytes, read in one go into a fresh buffer, and each weight's tensors taken
+        from it (see `_unaliased`), handed over once (nothing keeps the buffer after that, see
+        the module doc)."""
         g = self.groups[group]
         start = g.offset // IO_ALIGN * IO_ALIGN
         end = -(-(g.offset + g.nbytes) // IO_ALIGN) * IO_ALIGN
@@ -335,7 +348,7 @@ class DiskBackend:
         self.files.read(g.path, buffer, start, needed=g.offset + g.nbytes - start)
         flat = buffer[g.offset - start :]
         self.bytes_read += g.nbytes
-        return {key: [p.view(flat) for p in weight] for key, weight in zip(self.keys[group], g.placements)}
+        return {key: _unaliased(weight, flat) for key, weight in zip(self.keys[group], g.placements)}
 
     def copy(self, group: int, slot: int, wait_for) -> Future:
         # Release events are None here: compute on the CPU has finished every read by the time
