@@ -165,6 +165,8 @@ def wrap_model_for_offload(
             "wrapping it again with other settings."
         )
     integrations.check(model)
+    if checkpoint is not None:
+        integrations.before_load(model)
     slots = list(named_parameter_slots(model))
     weights = unique_weights(model)
     source, loaded_buffers = _source(model, slots, weights, checkpoint)

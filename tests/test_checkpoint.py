@@ -407,3 +407,22 @@ def test_a_malformed_index_is_refused_naming_it(text, tmp_path):
         model = torch.nn.Linear(4, 4)
     with pytest.raises(CheckpointError, match="model.safetensors.index.json"):
         wrap_model_for_offload(model, checkpoint=tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("build", ["init_empty_weights", "meta"])
+def test_a_transformers_model_is_tied_before_it_loads(build, tmp_path):
+    """transformers 5 does not tie a model built under init_empty_weights; save_pretrained stores
+    the tied embedding once (no lm_head.weight). Loading ties it first, as transformers does."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32)
+    torch.manual_seed(0)
+    plain = GPT2LMHeadModel(config).eval()
+    plain.save_pretrained(tmp_path)
+    with init_empty_weights() if build == "init_empty_weights" else torch.device("meta"):
+        model = GPT2LMHeadModel(config).eval()
+    wrap_model_for_offload(model, checkpoint=tmp_path, device="cpu")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)

@@ -50,6 +50,8 @@ class Integration:
     blocks(model): class names of the model's repeated blocks (grouped into one copy each).
     components(obj): the models of a pipeline by name, when `obj` is one of the library's
         pipelines; None otherwise.
+    before_load(model): bring a model about to be loaded from a checkpoint to the state the
+        library's own loading gives it (transformers ties weights).
     """
 
     name: str
@@ -60,6 +62,7 @@ class Integration:
     opaque: Callable[[type], bool] = lambda cls: False
     blocks: Callable[[nn.Module], Iterable[str]] = lambda model: ()
     components: Callable[[object], dict[str, nn.Module] | None] = lambda obj: None
+    before_load: Callable[[nn.Module], None] = _nothing
 
     @property
     def active(self) -> bool:
@@ -86,6 +89,11 @@ def active() -> list[Integration]:
 def check(model: nn.Module) -> None:
     for integration in active():
         integration.check(model)
+
+
+def before_load(model: nn.Module) -> None:
+    for integration in active():
+        integration.before_load(model)
 
 
 def install(model: nn.Module) -> list[Undo]:
