@@ -170,9 +170,11 @@ def materialize(func, args: tuple, kwargs: dict):
 def embedding(func, args: tuple, kwargs: dict):
     # With max_norm, F.embedding first renormalizes the rows it looks up, in the weight itself: a
     # write, which lands in the payload (or is refused) like any other, before the read.
-    names = ("input", "weight", "padding_idx", "max_norm", "norm_type")
-    bound = dict(zip(names, args)) | kwargs
-    if bound.get("max_norm") is None or not isinstance(bound["weight"], Offloaded):
+    max_norm = args[3] if len(args) > 3 else kwargs.get("max_norm")
+    if max_norm is None:  # every lookup without max_norm: straight to the eager hot path
+        return materialize(func, args, kwargs)
+    bound = dict(zip(("input", "weight", "padding_idx", "max_norm", "norm_type"), args)) | kwargs
+    if not isinstance(bound["weight"], Offloaded):
         return materialize(func, args, kwargs)
     with torch.no_grad():
         torch.embedding_renorm_(bound["weight"], bound["input"].contiguous(), bound["max_norm"], bound.get("norm_type", 2.0))

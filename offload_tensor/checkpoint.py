@@ -216,10 +216,10 @@ def read_exactly(fd: int, buffer: memoryview, offset: int, path: str) -> None:
 
 def byte_view(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, writable (for preadv)."""
-    return memoryview(_bytes(t).numpy()).cast("B")
+    return memoryview(as_bytes(t).numpy()).cast("B")
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor's bytes as a 1-d uint8 view of the same memory. Flattened first: torch
     refuses to view a 0-d tensor (a BatchNorm's num_batches_tracked, a scalar parameter) as
     another element size."""
@@ -261,7 +261,7 @@ def write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
             f.write(encoded)
             for t in chunks:
                 if t.nbytes:
-                    f.write(memoryview(_bytes(t).numpy()))
+                    f.write(memoryview(as_bytes(t).numpy()))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

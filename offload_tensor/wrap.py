@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from offload_tensor import integrations, ops
 from offload_tensor.build import Built, CheckpointSource, ModelSource, build, resident_payloads
-from offload_tensor.checkpoint import CheckpointError, checkpoint_files, index
+from offload_tensor.checkpoint import CheckpointError, as_bytes, checkpoint_files, index
 from offload_tensor.engine import Engine, SynchronousEngine, disk
 from offload_tensor.payloads import SUPPORTED, leaves, subclass_kind
 from offload_tensor.planner import (
@@ -329,7 +329,7 @@ def _write_back_resident(plan: Plan, state: OffloadState) -> None:
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-equal (torch.equal on values misses -0.0 over 0.0 and never matches a NaN)."""
-    return torch.equal(a.detach().cpu().reshape(-1).view(torch.uint8), b.detach().cpu().reshape(-1).view(torch.uint8))
+    return torch.equal(as_bytes(a.detach().cpu()), as_bytes(b.detach().cpu()))
 
 
 def available_ram() -> int:

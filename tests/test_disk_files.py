@@ -9,16 +9,16 @@ import gc
 import pytest
 import torch
 
-from models import CASES, output
+from models import CASES
 from offload_tensor import set_budget, unwrap_model, wrap_model_for_offload
 from test_checkpoint import meta_like
+from test_checkpoint import run as run_case
 
 FLUX = CASES[0]
 
 
-def run(model, seed=0):
-    with torch.no_grad():
-        return output(model(**FLUX.inputs(seed)))
+def run(model):
+    return run_case(model, FLUX)
 
 
 def halved(model):
