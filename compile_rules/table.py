@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -274,12 +275,53 @@ so compiled graphs are those of the plain model."""
 @implements(aten.t, aten.view, aten.unsqueeze, aten.expand, aten.slice, aten.select)
 def view(func, args: tuple, kwargs: dict):
     base = args[0]
-    if not isinstance(base, Offloaded) or torch.compiler.is_compiling():
+    if not isinstance(base, Offloaded):
         return _materialize_all(func, args, kwargs)
+    if torch.compiler.is_compiling():
+        out = _materialize_all(func, args, kwargs)
+        _record_traced_view(out, base)
+        return out
     return base.lazy_view(func, args, kwargs)
 
 
 view.__doc__ = _TRACED_VIEW_NOTE
+
+# [Note: writes through traced views]
+# Under tracing a view of a weight is a plain tensor computed from the fetched weight (so compiled
+# graphs are the plain model's), and a write into it would land in that copy and be lost. The
+# write cannot be caught where it happens (the view is a plain tensor by then), but a view shares
+# its base's version counter, which every in-place op and `out=` write bumps, in dynamo's fake
+# tensors and AOTAutograd's functional ones alike. So each traced view is recorded with its
+# version, and every later materialize under tracing checks the records. The backend's trace of
+# the graph holding the write always meets a weight (it fetches the viewed weight again) after
+# dynamo's trace recorded the write, so the compile is refused before any graph runs, whatever
+# the tier or encoding.
+TRACED_VIEWS: list[tuple[weakref.ref, int, str]] = []
+
+
+def _record_traced_view(out, weight: Offloaded) -> None:
+    t = out if isinstance(out, torch.Tensor) else next((o for o in out if isinstance(o, torch.Tensor)), None)
+    if t is not None:
+        TRACED_VIEWS.append((weakref.ref(t), t._version, repr(weight)))
+
+
+def check_traced_writes() -> None:
+    """Refuse the compile if a traced view of an offloaded weight was written (see the note)."""
+    alive = []
+    for ref, version, weight in TRACED_VIEWS:
+        t = ref()
+        if t is None:
+            continue
+        if t._version != version:
+            TRACED_VIEWS.clear()
+            raise RefusedOpError(
+                f"a write through a view of the offloaded weight {weight} (w[i].fill_(...), w.t().mul_(...), "
+                "out=w[i]) inside a compiled function would land in a fetched copy, not in the payload the engine "
+                "streams from. Make the change outside torch.compile (in eager code the write lands), or write a "
+                "copy of the weight."
+            )
+        alive.append((ref, version, weight))
+    TRACED_VIEWS[:] = alive
 
 
 # -- writes -----------------------------------------------------------------------------------

@@ -20,7 +20,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
-from compile_rules.table import TORCH_FUNCTION_RULES, Offloaded, RefusedOpError, aten_rule, refuse_jit_trace
+from compile_rules.table import (
+    TORCH_FUNCTION_RULES,
+    Offloaded,
+    RefusedOpError,
+    TRACED_VIEWS,
+    aten_rule,
+    check_traced_writes,
+    refuse_jit_trace,
+)
 from offload_tensor import ops
 from offload_tensor.engine import disk
 from offload_tensor.payloads import PayloadKind
@@ -156,6 +164,8 @@ class OffloadedTensor(Offloaded):
             return _apply_view(weight.materialize(after), steps)
         if torch._C._is_tracing():
             refuse_jit_trace()
+        if TRACED_VIEWS and torch.compiler.is_compiling():
+            check_traced_writes()  # see [Note: writes through traced views]
         return self._kind.decode(self._fetched(after), self._compute_dtype)
 
     def _fetched(self, after: torch.Tensor | None) -> Sequence[torch.Tensor]:
@@ -164,12 +174,14 @@ class OffloadedTensor(Offloaded):
             return torch.ops.offload_tensor.fetch(list(self._inner), self._key, after, self._compute_device)
         return self._inner
 
-    def payload_value(self) -> torch.Tensor:
+    def payload_value(self, copy: bool = False) -> torch.Tensor:
         """The weight's value where the payload lives (no fetch): the payload itself when plain,
         else its decoded form (dequantized fp8, or the quantized subclass rebuilt). Its storage is
-        its own: a payload that is a view into a streaming engine's host arena is copied out, so
-        the value can be saved (torch.save, safetensors) and outlives the arena."""
-        inner = tuple(t.clone() if t.untyped_storage().nbytes() > t.nbytes else t for t in self._inner)
+        its own: a payload that is a view into a host arena or a disk file is copied out, so the
+        value can be saved (torch.save, safetensors) and outlives the arena. `copy`: share no
+        memory with the payload at all."""
+        disk.before_read(self._inner)  # a disk file is checked before its bytes are first used
+        inner = tuple(t.clone() if copy or t.untyped_storage().nbytes() > t.nbytes else t for t in self._inner)
         return self._kind.decode(inner, self._compute_dtype)
 
     def linear_override(self) -> Callable | None:

@@ -214,3 +214,33 @@ def test_write_inside_a_compiled_forward_is_refused_before_anything_changes(payl
         e = e.__cause__ or e.__context__
     assert any(isinstance(e, RefusedOpError) for e in chain), chain
     assert_unchanged(model, snapshot)
+
+
+VIEW_WRITES = {
+    "fill-row": lambda w, x: (w[0].fill_(0), x * 2)[1],  # the write is the graph's last use of the weight
+    "through-t": lambda w, x: (w.t()[1].mul_(3), x + w.sum())[1],
+    "out-into-row": lambda w, x: (torch.add(x[:4], 1, out=w[0]), x * 2)[1],
+    "view-of-view": lambda w, x: (w.view(-1)[2:5].zero_(), x @ w)[1],
+}
+
+
+@pytest.mark.parametrize("write", list(VIEW_WRITES))
+@pytest.mark.parametrize("home", ["zero-copy", "sync", "disk", "fp8"])
+@pytest.mark.parametrize("fullgraph", [True, False], ids=["fullgraph", "breaks-allowed"])
+def test_a_write_through_a_view_inside_a_compiled_function_is_refused_on_every_tier(write, home, fullgraph, tmp_path):
+    """Under tracing a view of a weight is a plain tensor of the fetched weight: a write into it
+    landed in that copy, lost, on every tier but the zero-copy one (where AOTAutograd saw the
+    input mutation). Refused at compile time everywhere, before anything changed."""
+    torch.manual_seed(0)
+    kwargs = {"disk": dict(offload="disk", disk_path=tmp_path), "fp8": dict(storage_dtype=torch.float8_e4m3fn),
+              "sync": dict(engine=engine_for("sync")), "zero-copy": {}}[home]  # fmt: skip
+    model = wrap_model_for_offload(nn.Linear(4, 4), device="cpu", **kwargs)
+    snapshot = payload_snapshot(model)
+    with pytest.raises(Exception) as raised, torch.no_grad():
+        torch.compile(VIEW_WRITES[write], fullgraph=fullgraph)(model.weight, torch.ones(4))
+    chain, e = [], raised.value
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    assert any(isinstance(e, RefusedOpError) for e in chain) or "write through a view" in str(raised.value), chain
+    assert_unchanged(model, snapshot)
