@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from offload_tensor.checkpoint import StoredTensor, fingerprint, read_into
+from offload_tensor.checkpoint import CheckpointError, StoredTensor, fingerprint, read_into
+from offload_tensor.engine import disk
 from offload_tensor.engine.disk import DiskGroup, group_file, layout_hash, open_group, read_exactly_into, write_group
 from offload_tensor.engine.host_store import Arena, allocate_arena, contiguous_stride, give_back_freed_memory
 from offload_tensor.payloads import Float8, PayloadKind, Plain, kind_for
-from offload_tensor.planner import Group, Plan
+from offload_tensor.planner import Plan, format_bytes
 
 log = logging.getLogger("offload_tensor")
 PROGRESS_BYTES = 1 << 30  # a progress bar above this many bytes
@@ -50,20 +52,23 @@ class ModelSource:
 
 
 class CheckpointSource:
-    """Weights read from safetensors files, by weight name (see checkpoint.py)."""
+    """Weights read from safetensors files, by weight name (see checkpoint.py), each converted to
+    the dtype the model computes it in where that differs from the stored one (`torch_dtype=`):
+    one tensor at a time, so nothing is held twice."""
 
-    def __init__(self, stored: dict[str, StoredTensor], files) -> None:
+    def __init__(self, stored: dict[str, StoredTensor], files, dtypes: dict[str, torch.dtype]) -> None:
         self.stored = stored
+        self.dtypes = dtypes
         self.fingerprint = fingerprint(files)
 
     def value(self, name: str) -> torch.Tensor:
         s = self.stored[name]
         out = torch.empty(s.shape, dtype=s.dtype)
         read_into(s, out)
-        return out
+        return out.to(self.dtypes[name])
 
     def fill(self, name: str, out: torch.Tensor) -> None:
-        if out.is_contiguous():
+        if out.is_contiguous() and out.dtype == self.stored[name].dtype:
             read_into(self.stored[name], out)
         else:
             out.copy_(self.value(name))
@@ -107,15 +112,16 @@ def build(
     keep their payloads where they are."""
     per_channel = plan.storage.scale == "channel"
     built = Built()
+    built.kinds = {n: kind_for(weights[n], plan.storage.dtype, per_channel) for g in plan.groups for n in g.weights}
+    files = _disk_files(plan, weights, built.kinds, source) if plan.placement.offload == "disk" else {}
     progress = tqdm(
         plan.groups, desc="offload_tensor: building", unit="group", disable=plan.weight_bytes <= PROGRESS_BYTES
     )
     for group in progress:
         names = list(group.weights)
-        kinds = [kind_for(weights[n], plan.storage.dtype, per_channel) for n in names]
-        built.kinds.update(zip(names, kinds))
+        kinds = [built.kinds[n] for n in names]
         if group.home == "disk":
-            home = _disk_group(plan, group, names, kinds, weights, source)
+            home = files[group.name].open_or_write(kinds, weights, source)
         elif streams_stores or isinstance(source, CheckpointSource) or (group.resident and plan.device.type == "cuda"):
             # a host arena: streamed from it, the home of a group resident on the GPU (so a new
             # budget can stream it), or (from a checkpoint) the memory the weights live in
@@ -135,14 +141,18 @@ def build(
 
 def resident_payloads(home: Arena | DiskGroup, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
     """A resident group's payloads where the model computes: copied to the GPU; in RAM when
-    computing on the CPU (the arena itself, or, from the disk tier, an arena read from the file)."""
+    computing on the CPU (the arena itself, or, from the disk tier, an arena read from the file,
+    checked against the file's checksum: its memory map is never read, so its pages stay out of RSS)."""
+    if isinstance(home, DiskGroup):
+        arena = Arena(torch.empty(home.nbytes, dtype=torch.uint8), home.placements)  # the file's layout
+        read_exactly_into(home, arena.buffer)
+        home.check(arena.buffer)
+        payloads = arena.payloads()
+    else:
+        payloads = home.payloads()
     if device.type == "cuda":
-        return [tuple(t.to(device) for t in payload) for payload in home.payloads()]
-    if isinstance(home, Arena):
-        return home.payloads()
-    arena = Arena(torch.empty(home.nbytes, dtype=torch.uint8), home.placements)  # the file's layout
-    read_exactly_into(home, arena.buffer)
-    return arena.payloads()
+        return [tuple(t.to(device) for t in payload) for payload in payloads]
+    return payloads
 
 
 def _arena(names, kinds, weights, source) -> Arena:
@@ -169,14 +179,66 @@ def _release(names, kinds, weights, payloads) -> None:
         give_back_freed_memory()
 
 
-def _disk_group(plan: Plan, group: Group, names, kinds, weights, source) -> DiskGroup:
-    inner_names = [k.inner_names for k in kinds]
-    shapes = [specs(weights[n], k, source.stride(n)) for n, k in zip(names, kinds)]
-    layout = layout_hash(names, [[(s[0], s[2]) for s in spec] for spec in shapes])
-    path = group_file(plan.placement.disk_path, group.name, layout)
-    metadata = {"offload_tensor.layout": layout, "offload_tensor.source": source.fingerprint}
-    expected = [[(s[0], s[2]) for s in spec] for spec in shapes]
-    if source.fingerprint != "memory" and path.exists():  # written from this checkpoint before: reuse
-        return open_group(path, names, inner_names, metadata, expected)
-    payloads = [k.encode(source.value(n).contiguous() if isinstance(k, Plain) else source.value(n)) for n, k in zip(names, kinds)]
-    return write_group(path, names, inner_names, payloads, metadata, shared=source.fingerprint != "memory")
+@dataclass
+class _GroupFile:
+    """A disk-tier group's file: a cache of the checkpoint reused as it is, or one to write (`why`:
+    what was wrong with the cache found there, if any)."""
+
+    path: Path
+    names: list[str]
+    metadata: dict[str, str]
+    shared: bool  # a cache of a checkpoint (else a file of this wrap alone)
+    reused: DiskGroup | None = None
+    why: str | None = None
+
+    def open_or_write(self, kinds, weights, source) -> DiskGroup:
+        if self.reused is not None:
+            return self.reused
+        inner_names = [k.inner_names for k in kinds]
+        payloads = [k.encode(source.value(n).contiguous() if isinstance(k, Plain) else source.value(n))
+                    for n, k in zip(self.names, kinds)]  # fmt: skip
+        return write_group(self.path, self.names, inner_names, payloads, self.metadata, shared=self.shared)
+
+
+FILE_OVERHEAD = 64 << 10  # bytes a group file may take beyond its payload (header, alignment), for the room check
+
+
+def _disk_files(plan: Plan, weights, kinds, source) -> dict[str, _GroupFile]:
+    """The disk tier's group files, decided before any is written: caches of this checkpoint found
+    in the folder are reused when their headers fit (else written again: they are derived data,
+    and the log says so in one line); files of processes that died are removed; the folder must
+    be writable and have room for what is written (an error naming the folder, the bytes needed
+    and free, before anything changes)."""
+    folder = plan.placement.disk_path
+    removed, freed = disk.reclaim(folder)
+    if removed:
+        log.warning("offload_tensor: removed %d files (%s) from %s, left there by processes that no longer run",
+                    removed, format_bytes(freed), folder)  # fmt: skip
+    shared = source.fingerprint != "memory"
+    files = {}
+    for group in plan.groups:
+        if group.home != "disk":
+            continue
+        names = list(group.weights)
+        expected = [[(s[0], s[2]) for s in specs(weights[n], kinds[n], source.stride(n))] for n in names]
+        # the compute dtype too: fp8 payloads of a weight converted to bf16 differ from those of its fp32 value
+        layout = layout_hash(names, [[weights[n].dtype, *e] for n, e in zip(names, expected)])
+        metadata = {"offload_tensor.layout": layout, "offload_tensor.source": source.fingerprint}
+        f = _GroupFile(group_file(folder, group.name, layout), names, metadata, shared)
+        if shared and f.path.exists():  # written from this checkpoint before: reuse it if it fits
+            try:
+                f.reused = open_group(f.path, names, [kinds[n].inner_names for n in names], metadata, expected)
+            except CheckpointError as e:
+                f.why = str(e)
+        files[group.name] = f
+    nbytes = {g.name: g.nbytes for g in plan.groups}
+    written = [f for f in files.values() if f.reused is None]
+    if written:
+        stale = [f.why for f in written if f.why]
+        what = "from the model in memory" if not shared else f"caches of the checkpoint, {len(stale)} of them to replace"
+        disk.check_room(folder, sum(nbytes[n] + FILE_OVERHEAD for n, f in files.items() if f.reused is None),
+                        len(written), what)  # fmt: skip
+        if stale:
+            log.warning("offload_tensor: writing %d disk-tier cache files in %s again from the checkpoint (%s%s)",
+                        len(stale), folder, stale[0], f", and {len(stale) - 1} more" if len(stale) > 1 else "")  # fmt: skip
+    return files

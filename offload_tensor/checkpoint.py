@@ -230,15 +230,20 @@ ALIGN = 64  # bytes: where a tensor starts in files we write, as the CPU allocat
 PAD = "__pad__."  # names of the uint8 tensors that fill the gaps (safetensors allows no holes)
 
 
-def write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+CHECKSUM = "offload_tensor.xxh3_128"  # metadata key: the checksum of a file's data, where written
+
+
+def write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, owner: str = "",
+                     checksum: bool = False) -> None:  # fmt: skip
     """Write a safetensors file whose tensors start at `ALIGN`-byte boundaries (so views of a
     buffer read from it are as aligned as fresh tensors: some CPU kernels round differently on
     unaligned data), so that a reader sees the whole file or none: to a temporary file in the
-    same folder, then renamed over `path` (two processes writing the same file each rename a
-    complete one). Plain safetensors: `safetensors.torch.load_file` reads it (with the padding
-    tensors)."""
+    same folder (`owner` in its name), then renamed over `path` (two processes writing the same
+    file each rename a complete one). `checksum`: the xxh3-128 of the data (every byte after
+    the header) is recorded in the metadata under `CHECKSUM`. Plain safetensors:
+    `safetensors.torch.load_file` reads it (with the padding tensors)."""
     names = {dtype: name for name, dtype in DTYPES.items()}
-    header: dict = {"__metadata__": metadata}
+    header: dict = {"__metadata__": dict(metadata)}
     chunks: list[torch.Tensor] = []
     offset = 0
     for name, t in tensors.items():
@@ -251,10 +256,18 @@ def write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
         header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         chunks.append(t)
         offset += t.nbytes
+    if checksum:
+        import xxhash
+
+        digest = xxhash.xxh3_128()
+        for t in chunks:
+            if t.nbytes:
+                digest.update(memoryview(as_bytes(t).numpy()))
+        header["__metadata__"][CHECKSUM] = digest.hexdigest()
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-(8 + len(encoded)) % ALIGN)  # the data starts aligned too
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner}-" if owner else f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(encoded)))

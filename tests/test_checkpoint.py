@@ -135,24 +135,44 @@ def test_a_truncated_checkpoint_is_refused_before_anything_is_read(checkpoints, 
     assert not is_wrapped(model)
 
 
-def test_disk_files_are_reused_and_checked(checkpoints, tmp_path):
+def test_disk_caches_are_reused_or_written_again(checkpoints, tmp_path, caplog):
+    """A cache of the checkpoint is reused as it is; one that does not fit (truncated, written from
+    another checkpoint, by an earlier release without a checksum) is derived data: written again,
+    said in one log line."""
     folder = tmp_path / "disk"
     wrap_model_for_offload(meta_like(FLUX), checkpoint=checkpoints["flux"]["sharded"], offload=folder)
     files = {p: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")}
     model = wrap_model_for_offload(meta_like(FLUX), checkpoint=checkpoints["flux"]["sharded"], offload=folder)
     assert {p: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")} == files  # reused, not rewritten
-    assert run(model, FLUX).equal(run(FLUX.make(), FLUX))
-    # truncated: refused naming the file
+    expected = run(FLUX.make(), FLUX)
+    assert run(model, FLUX).equal(expected)
     victim = max(files, key=lambda p: p.stat().st_size)
-    victim.write_bytes(victim.read_bytes()[:-64])
-    with pytest.raises(CheckpointError, match=f"{victim.name}.*truncated"):
-        wrap_model_for_offload(meta_like(FLUX), checkpoint=checkpoints["flux"]["sharded"], offload=folder)
-    # stale: written from another checkpoint (same layout, other values)
     other = _edited(checkpoints["flux"]["single"], tmp_path / "other.safetensors", lambda t: t["proj_out.bias"].add_(1))
-    folder2 = tmp_path / "disk2"
-    wrap_model_for_offload(meta_like(FLUX), checkpoint=other, offload=folder2)
-    with pytest.raises(CheckpointError, match="stale"):
-        wrap_model_for_offload(meta_like(FLUX), checkpoint=checkpoints["flux"]["single"], offload=folder2)
+    stale_folder = tmp_path / "stale"
+    wrap_model_for_offload(meta_like(FLUX), checkpoint=other, offload=stale_folder)
+    for damage, where, reason in [
+        (lambda: victim.write_bytes(victim.read_bytes()[:-64]), folder, "truncated"),
+        (lambda: None, stale_folder, "stale"),
+        (lambda: _without_checksum(victim), folder, "no checksum"),
+    ]:
+        damage()
+        caplog.clear()
+        checkpoint = checkpoints["flux"]["sharded"] if where is folder else checkpoints["flux"]["single"]
+        with caplog.at_level("WARNING", logger="offload_tensor"):
+            model = wrap_model_for_offload(meta_like(FLUX), checkpoint=checkpoint, offload=where)
+        rebuilt = [r.getMessage() for r in caplog.records if "again from the checkpoint" in r.getMessage()]
+        assert len(rebuilt) == 1 and reason in rebuilt[0], [r.getMessage() for r in caplog.records]
+        assert run(model, FLUX).equal(expected), reason
+
+
+def _without_checksum(path):
+    """The file as a release without checksums wrote it."""
+    from offload_tensor.checkpoint import CHECKSUM, read_header, write_atomically
+
+    tensors = load_file(path)
+    _, metadata = read_header(path)
+    del metadata[CHECKSUM]
+    write_atomically(path, {k: v for k, v in tensors.items() if not k.startswith("__pad__")}, metadata)
 
 
 _WRAP_FROM_SHARED_FOLDER = """
@@ -249,6 +269,36 @@ def test_from_pretrained_builds_on_meta_and_loads_in_the_checkpoints_dtypes(tmp_
         assert torch.equal(a.materialize(), b), name
     with pytest.raises(ValueError, match="local folder"):
         from_pretrained(FluxTransformer2DModel, "black-forest-labs/FLUX.1-dev", subfolder="transformer")
+
+
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+def test_from_pretrained_converts_to_torch_dtype_while_reading(tier, tmp_path):
+    """An fp32 checkpoint loaded as bf16 exactly as diffusers loads it (Wan keeps its norms, time
+    embedder and modulation in fp32), converted tensor by tensor while reading: never the whole
+    model in RAM in fp32. Without torch_dtype a model declaring other dtypes than its checkpoint
+    is still an error."""
+    from diffusers import WanTransformer3DModel
+
+    from offload_tensor import from_pretrained
+
+    WAN.make().save_pretrained(tmp_path / "wan")  # fp32, as most published checkpoints
+    reference = WanTransformer3DModel.from_pretrained(tmp_path / "wan", torch_dtype=torch.bfloat16).eval()
+    kwargs = {"offload": tmp_path / "disk"} if tier == "disk" else {}
+    model = from_pretrained(WanTransformer3DModel, tmp_path / "wan", torch_dtype=torch.bfloat16, device="cpu", **kwargs)
+    expected = {n: p for n, p in reference.named_parameters()}
+    assert {n: p.dtype for n, p in model.named_parameters()} == {n: p.dtype for n, p in expected.items()}
+    assert {p.dtype for p in expected.values()} == {torch.bfloat16, torch.float32}
+    for name, p in model.named_parameters():
+        assert torch.equal(p.materialize(), expected[name]), name
+    inputs = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in WAN.inputs(0).items()}
+    with torch.no_grad():
+        assert output(model(**inputs)).equal(output(reference(**inputs)))
+    with init_empty_weights():
+        bf16 = type(reference).from_config(reference.config).to(torch.bfloat16)
+    with pytest.raises(CheckpointError, match=r"torch.float32, the model .* torch.bfloat16"):
+        wrap_model_for_offload(bf16, checkpoint=tmp_path / "wan")
+    with pytest.raises(ValueError, match="torch_dtype= converts the weights of checkpoint="):
+        wrap_model_for_offload(WAN.make(), torch_dtype=torch.bfloat16)
 
 
 class _Scaled(torch.nn.Module):

@@ -25,11 +25,15 @@ device slot on the CUDA backend's copy stream.
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import mmap
 import os
+import re
 import shutil
+import socket
 import uuid
+import warnings
 import weakref
 from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,8 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import xxhash
 
-from offload_tensor.checkpoint import CheckpointError, byte_view, read_exactly, read_header, write_atomically
+from compile_rules.table import RefusedOpError
+from offload_tensor.checkpoint import CHECKSUM, CheckpointError, byte_view, read_exactly, read_header, write_atomically
 from offload_tensor.engine.host_store import Placement, aligned_empty, contiguous_stride, give_back_freed_memory
 
 
@@ -52,17 +58,55 @@ class DiskGroup:
     nbytes: int
     placements: list[list[Placement]]
     shared: bool = False  # a cache of a checkpoint: other wraps (and processes) read the same file
+    checksum: str | None = None  # of the group's bytes, written with the file (see `check`)
+    verified: bool = True  # the bytes were checked against the checksum in this process, or need no check
     _map: mmap.mmap | None = field(default=None, repr=False)
 
     def payloads(self) -> list[tuple[torch.Tensor, ...]]:
         """The payload tensors as views of a shared memory map of the file (reads fault pages in;
-        writes land in the file: see `before_write`)."""
+        writes land in the file: see `before_write`). A cache is mapped read-only (its folder may
+        be read-only): a write first moves the group to a private copy, mapped writable in its place."""
         if self._map is None:
-            with open(self.path, "r+b") as f:
-                self._map = mmap.mmap(f.fileno(), 0)
-        flat = torch.frombuffer(self._map, dtype=torch.uint8)
+            with open(self.path, "rb" if self.shared else "r+b") as f:
+                self._map = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ if self.shared else mmap.PROT_READ | mmap.PROT_WRITE)
+        flat = _frombuffer(self._map)
         _MAPPED[flat.data_ptr()] = self
         return [tuple(p.view(flat[self.offset : self.offset + self.nbytes]) for p in weight) for weight in self.placements]
+
+    def check(self, data: torch.Tensor) -> None:
+        """Check the group's bytes, just read into `data` (a uint8 tensor), against the checksum
+        written with the file, the first time they are read in this process: a byte changed on
+        disk (bit rot, another program) is an error naming the file, never a wrong weight."""
+        if self.verified:
+            return
+        if xxhash.xxh3_128(memoryview(data[: self.nbytes].numpy())).hexdigest() != self.checksum:
+            raise self._corrupted()
+        self.verified = True
+
+    def verify(self) -> None:
+        """`check` for reads that go through the memory map (state_dict, unwrap_model, a write):
+        the group's bytes are read from the file in chunks and hashed."""
+        if self.verified:
+            return
+        digest, chunk = xxhash.xxh3_128(), torch.empty(min(self.nbytes, 64 << 20), dtype=torch.uint8)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for start in range(0, self.nbytes, chunk.numel()):
+                n = min(chunk.numel(), self.nbytes - start)
+                read_exactly(fd, byte_view(chunk[:n]), self.offset + start, str(self.path))
+                digest.update(memoryview(chunk[:n].numpy()))
+        finally:
+            os.close(fd)
+        if digest.hexdigest() != self.checksum:
+            raise self._corrupted()
+        self.verified = True
+
+    def _corrupted(self) -> CheckpointError:
+        return CheckpointError(
+            f"{self.path} is corrupted: its bytes differ from the checksum written with it (a disk error, or another "
+            "program wrote into it); nothing read from it was used. Delete it: the next wrap writes it again from the "
+            "checkpoint."
+        )
 
     def write(self, index: int, values: Sequence[torch.Tensor]) -> None:
         """Write weight `index`'s payload tensors into the file (with pwrite: no page of the memory
@@ -82,15 +126,31 @@ class DiskGroup:
     def make_private(self) -> None:
         """Before the first write into a shared file: copy it to a file of this wrap's own and map
         the copy at the same address, so every payload view now reads and writes the copy. The
-        cache, and every other model reading it, keep the checkpoint's values."""
+        cache, and every other model reading it, keep the checkpoint's values. Refused, with
+        nothing changed, when the cache's folder is not writable."""
         if not self.shared:
             return
+        self.verify()  # the copy starts from the checkpoint's bytes, or not at all
         private = unique_file(self.path)
-        shutil.copyfile(self.path, private)
+        try:
+            shutil.copyfile(self.path, private)
+        except OSError as e:
+            _unlink(private)
+            raise RefusedOpError(
+                f"a write into a weight stored in the disk-tier cache {self.path} goes to a private copy of its group, "
+                f"written beside it, and that failed ({e.strerror or e}). Wrap with a writable disk_path (with room "
+                "for the copy) to change the weights; nothing was changed."
+            ) from e
         if self._map is not None:
             _remap_in_place(self._map, private)
         self.path, self.shared = private, False
         weakref.finalize(self, _unlink, private)
+
+
+def _frombuffer(mapped: mmap.mmap) -> torch.Tensor:
+    with warnings.catch_warnings():  # a read-only map: written only after make_private remapped it
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(mapped, dtype=torch.uint8)
 
 
 _MAPPED: weakref.WeakValueDictionary[int, DiskGroup] = weakref.WeakValueDictionary()  # map address -> group
@@ -105,15 +165,113 @@ def before_write(payload: Sequence[torch.Tensor]) -> None:
             group.make_private()
 
 
+def before_read(payload: Sequence[torch.Tensor]) -> None:
+    """Called before something reads a payload through its memory map (state_dict, unwrap_model,
+    a write): a cache file's bytes are checked once per process first (see `DiskGroup.verify`)."""
+    if not _MAPPED:
+        return
+    for t in payload:
+        group = _MAPPED.get(t.untyped_storage().data_ptr())
+        if group is not None:
+            group.verify()
+
+
+# [Note: file owners]
+# A file of one wrap alone (written from memory, or a private copy of a cache) and a temporary
+# file being written carry their owner in their name: a tag of this host and pid namespace, the
+# pid and the process's start time. A process killed before it could delete its files (kill -9,
+# the OOM killer, a power loss) leaves them behind; the next wrap into the folder removes those
+# whose owner is on this host and no longer runs (the pid is gone, or now belongs to a process
+# started at another time). Files of other hosts sharing the folder, of live processes, and
+# caches (which have no owner) are never touched.
+_OWNED = re.compile(r"\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)-(?:[0-9a-f]{8}\.safetensors|\w{8}\.tmp)$")
+_owner: tuple[int, str] | None = None  # (pid, owner tag) of this process
+
+
+def owner_tag() -> str:
+    """This process's part of the names of the files it owns (see [Note: file owners])."""
+    global _owner
+    pid = os.getpid()
+    if _owner is None or _owner[0] != pid:  # computed again in a forked child
+        _owner = (pid, f"{_host_tag()}-{pid}-{_start_time(pid) or 0}")
+    return _owner[1]
+
+
+def _host_tag() -> str:
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return hashlib.blake2b(f"{socket.gethostname()}|{namespace}".encode(), digest_size=4).hexdigest()
+
+
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks after boot, /proc/<pid>/stat field 22), None if it
+    does not run."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def reclaim(folder: Path) -> tuple[int, int]:
+    """Remove the files in `folder` of processes of this host that no longer run (see [Note:
+    file owners]); returns how many and their bytes."""
+    if not os.path.isdir("/proc/self") or not folder.is_dir():
+        return 0, 0  # no way to tell which processes run: keep everything
+    host, count, nbytes = _host_tag(), 0, 0
+    for path in folder.iterdir():
+        found = _OWNED.search(path.name)
+        if found is None or found["host"] != host or _start_time(int(found["pid"])) == found["start"]:
+            continue
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except OSError:  # gone already, or a read-only folder
+            continue
+        count, nbytes = count + 1, nbytes + size
+    return count, nbytes
+
+
+def check_room(folder: Path, nbytes: int, files: int, why: str) -> None:
+    """Before writing `files` group files of `nbytes` in all into `folder`: the folder is created
+    if missing and must be writable and have the room, else an OSError naming the folder, the
+    bytes needed and the bytes free. `why`: what the files are, for the message."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        probe = folder / f".offload_tensor-probe.{owner_tag()}-{uuid.uuid4().hex[:8]}.tmp"
+        probe.touch()  # root passes os.access on a read-only file system
+        probe.unlink()
+    except OSError as e:
+        raise OSError(
+            e.errno, f"disk_path {folder} is not writable ({e.strerror or e}), and {files} group files ({why}) must be "
+            "written there; pass a writable disk_path."
+        ) from e
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise OSError(
+            errno.ENOSPC, f"offload='disk' writes {files} group files ({why}), {_size(nbytes)}, to {folder}, which has "
+            f"{_size(free)} free; free space there, or pass another disk_path."
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def unique_file(path: Path) -> Path:
-    """A new name beside `path` for a file of this wrap alone (deleted when its group is collected)."""
-    return path.with_name(f"{path.name.removesuffix('.safetensors')}.{os.getpid()}-{uuid.uuid4().hex[:12]}.safetensors")
+    """A new name beside `path` for a file of this wrap alone (deleted when its group is collected;
+    after a crash, by the next wrap into the folder: see [Note: file owners])."""
+    return path.with_name(f"{path.name.removesuffix('.safetensors')}.{owner_tag()}-{uuid.uuid4().hex[:8]}.safetensors")
 
 
 def _unlink(path: Path) -> None:
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except OSError:  # gone already, or its folder became read-only
         pass
 
 
@@ -123,7 +281,7 @@ def _remap_in_place(mapped: mmap.mmap, path: Path) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    address = torch.frombuffer(mapped, dtype=torch.uint8).data_ptr()
+    address = _frombuffer(mapped).data_ptr()
     fd = os.open(path, os.O_RDWR)
     try:
         got = libc.mmap(address, len(mapped), mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | 0x10, fd, 0)  # 0x10: MAP_FIXED
@@ -157,13 +315,21 @@ def group_file(folder: Path, group_name: str, layout: str) -> Path:
 
 def write_group(path: Path, names: Sequence[str], inner_names: Sequence[Sequence[str]],
                 payloads: Sequence[Sequence[torch.Tensor]], metadata: dict[str, str], *, shared: bool) -> DiskGroup:  # fmt: skip
-    """Write a group's file. `shared`: a cache of a checkpoint, at its reusable name; else a file of
-    this wrap alone, at a name no other wrap uses, deleted when the group is collected."""
+    """Write a group's file. `shared`: a cache of a checkpoint, at its reusable name, with the
+    checksum of its bytes; else a file of this wrap alone, at a name no other wrap uses, deleted
+    when the group is collected."""
     if not shared:
         path = unique_file(path)
     tensors = {f"{n}.{inner}": t for n, inners, ts in zip(names, inner_names, payloads) for inner, t in zip(inners, ts)}
-    write_atomically(path, tensors, metadata)
+    try:
+        write_atomically(path, tensors, metadata, owner=owner_tag(), checksum=shared)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise OSError(e.errno, f"{path.parent} ran out of space while writing {path.name}; free space there, or pass "
+                               "another disk_path.") from e  # fmt: skip
     group = open_group(path, names, inner_names, metadata, shared=shared)
+    group.verified = True  # its bytes came from this process's memory; other processes check a cache's
     if not shared:
         weakref.finalize(group, _unlink, path)
     return group
@@ -172,35 +338,40 @@ def write_group(path: Path, names: Sequence[str], inner_names: Sequence[Sequence
 def open_group(path: Path, names: Sequence[str], inner_names: Sequence[Sequence[str]], metadata: dict[str, str],
                specs: Sequence[Sequence[tuple]] | None = None, *, shared: bool = True) -> DiskGroup:  # fmt: skip
     """The group stored in `path`, checked: every tensor present with the expected shape and dtype
-    (`specs`: (shape, dtype) per payload tensor), inside the file, and `metadata` as written."""
+    (`specs`: (shape, dtype) per payload tensor), inside the file, `metadata` as written, and (a
+    cache) a checksum of its bytes recorded, which its first read in this process checks. A
+    CheckpointError says what does not fit."""
     stored, found_metadata = read_header(path)
     for key, value in metadata.items():
         if found_metadata.get(key) != value:
-            raise CheckpointError(
-                f"{path} is stale: it was written for {key}={found_metadata.get(key)!r}, this wrap needs {value!r}. "
-                "Delete it (or use another disk_path) and wrap again."
-            )
+            raise CheckpointError(f"{path} is stale: it was written for {key}={found_metadata.get(key)!r}, not {value!r}")
     entries = []
     for w, (name, inners) in enumerate(zip(names, inner_names)):
         weight = []
         for j, inner in enumerate(inners):
             entry = stored.get(f"{name}.{inner}")
             if entry is None:
-                raise CheckpointError(f"{path} does not hold {name}.{inner}; delete it and wrap again.")
+                raise CheckpointError(f"{path} does not hold {name}.{inner}")
             if specs is not None and (tuple(specs[w][j][0]), specs[w][j][1]) != (entry.shape, entry.dtype):
                 raise CheckpointError(
-                    f"{path}: {name}.{inner} is {entry.shape} {entry.dtype}, expected {tuple(specs[w][j][0])} "
-                    f"{specs[w][j][1]}; delete it and wrap again."
+                    f"{path}: {name}.{inner} is {entry.shape} {entry.dtype}, not {tuple(specs[w][j][0])} {specs[w][j][1]}"
                 )
             weight.append(entry)
         entries.append(weight)
     start = min((e.offset for weight in entries for e in weight), default=0)
     end = max((e.offset + e.nbytes for weight in entries for e in weight), default=0)
+    checksum = found_metadata.get(CHECKSUM)
+    if shared:
+        data = (min((e.offset for e in stored.values()), default=0), max((e.offset + e.nbytes for e in stored.values()), default=0))
+        if checksum is None:
+            raise CheckpointError(f"{path} has no checksum (written by an earlier offload_tensor)")
+        if data != (start, end):
+            raise CheckpointError(f"{path} holds more than its group")
     placements = [
         [Placement(e.offset - start, torch.Size(e.shape), contiguous_stride(e.shape), e.dtype) for e in weight]
         for weight in entries
     ]
-    return DiskGroup(path, start, end - start, placements, shared)
+    return DiskGroup(path, start, end - start, placements, shared, checksum, verified=not shared)
 
 
 IO_ALIGN = 4096  # direct I/O needs buffer, offset and length aligned to the device's block size
@@ -347,6 +518,7 @@ class DiskBackend:
         buffer = self.buffers.take(end - start)
         self.files.read(g.path, buffer, start, needed=g.offset + g.nbytes - start)
         flat = buffer[g.offset - start :]
+        g.check(flat)  # a cache's first read in this process: its checksum
         self.bytes_read += g.nbytes
         return {key: _unaliased(weight, flat) for key, weight in zip(self.keys[group], g.placements)}
 
@@ -424,6 +596,7 @@ class DiskCudaBackend:
             start = g.offset // IO_ALIGN * IO_ALIGN
             self.files.read(g.path, self.staging[slot], start, needed=g.offset + g.nbytes - start)
             staging = self.staging[slot][g.offset - start : g.offset - start + g.nbytes]
+            g.check(staging)
             self.bytes_read += g.nbytes
             ready = self.cuda.copy_from(staging, slot, wait_for)
             self.staged[slot] = ready

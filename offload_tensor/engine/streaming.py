@@ -26,6 +26,9 @@ import torch
 from offload_tensor.engine.disk import DiskGroup
 from offload_tensor.engine.host_store import Arena
 from offload_tensor.engine.scheduler import Backend, Scheduler
+from offload_tensor.engine.sync import SynchronousEngine
+
+_synchronous = SynchronousEngine()
 
 
 class StreamingEngine:
@@ -83,7 +86,7 @@ class StreamingEngine:
 
     def fetch(self, key: Hashable, payload: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         if self.scheduler is None or key not in self.scheduler.group_of:
-            return [t.to(device, copy=True) for t in payload]
+            return _synchronous.fetch(key, payload, device)
         with self._lock:
             thread = threading.get_ident()
             if thread == self._thread:

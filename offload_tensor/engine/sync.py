@@ -7,6 +7,8 @@ from typing import Protocol
 
 import torch
 
+from offload_tensor.engine.disk import before_read
+
 
 class Engine(Protocol):
     """What the fetch op asks at run time.
@@ -30,4 +32,5 @@ class SynchronousEngine:
     def fetch(self, key: int, payload: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         # copy=True: when the offload device is the compute device (a copying test backend), the
         # result must still be a fresh tensor, never the payload itself.
+        before_read(payload)  # a payload in a disk-tier cache file: checked before its first use
         return [t.to(device, copy=True) for t in payload]
