@@ -14,10 +14,12 @@ Parameter with its value) or completely wrapped.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import warnings
+import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -28,7 +30,7 @@ from offload_tensor import integrations, ops
 from offload_tensor.build import Built, CheckpointSource, ModelSource, build, resident_payloads
 from offload_tensor.checkpoint import CheckpointError, as_bytes, checkpoint_files, index
 from offload_tensor.engine import Engine, SynchronousEngine, disk
-from offload_tensor.payloads import SUPPORTED, leaves, subclass_kind
+from offload_tensor.payloads import FLOAT8_DTYPES, SUPPORTED, leaves, subclass_kind
 from offload_tensor.planner import (
     Plan,
     budget_and_ram,
@@ -96,6 +98,7 @@ def wrap_model_for_offload(
     offload: str | os.PathLike = "cpu",
     disk_path: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
+    torch_dtype: torch.dtype | None = None,
     budget: int | str | None = None,
     max_memory: dict | None = None,
     reserve: int | str = 0,
@@ -120,6 +123,11 @@ def wrap_model_for_offload(
             folder of shards with their `*.index.json` (diffusers' `transformer/` folder layout).
             Read straight into host memory (or the disk tier); every key, shape and dtype is
             checked before anything is read.
+        torch_dtype: with `checkpoint`, load floating-point weights and buffers in this dtype,
+            converted while reading (one tensor at a time: nothing is held twice), except those in
+            modules the model keeps in float32 (`_keep_in_fp32_modules`), as diffusers' and
+            transformers' `from_pretrained(torch_dtype=)` do. Without it every stored dtype must be
+            the one the model declares.
         budget: bytes (or "10GiB") the weights may take where the model computes: as many groups
             as fit stay resident there (zero-copy, chosen to stream the fewest bytes per step)
             beside the streaming slots ((prefetch + 1) x the largest streamed group); the rest
@@ -159,6 +167,13 @@ def wrap_model_for_offload(
             "budget= limits what stays where the model computes, but computing on the CPU with offload='cpu' every "
             "weight is there already; to keep part of the model on disk, pass offload='disk' (disk_path=...)."
         )
+    if torch_dtype is not None and checkpoint is None:
+        raise ValueError(
+            "torch_dtype= converts the weights of checkpoint= while loading them; convert a model that is in memory "
+            "with model.to(dtype) before wrap_model_for_offload."
+        )
+    if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+        raise ValueError(f"torch_dtype={torch_dtype!r} is not a floating-point torch.dtype; use e.g. torch.bfloat16.")
     if is_wrapped(model):
         raise ValueError(
             f"{type(model).__name__} is already wrapped by offload_tensor; call unwrap_model(model) before "
@@ -169,13 +184,35 @@ def wrap_model_for_offload(
         integrations.before_load(model)
     slots = list(named_parameter_slots(model))
     weights = unique_weights(model)
-    source, loaded_buffers = _source(model, slots, weights, checkpoint)
+    source, dtypes, loaded_buffers = _source(model, slots, weights, checkpoint, torch_dtype)
     for qualname, _, _, param in slots:
         _check_parameter(qualname, param, from_checkpoint=checkpoint is not None)
 
     # -- plan and build -------------------------------------------------------------------------
+    with _declaring(weights, dtypes):
+        return _plan_build_install(model, weights, slots, source, loaded_buffers, storage, streaming, where, ram,
+                                   engine, checkpoint is not None)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _declaring(weights: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]):
+    """torch_dtype=: while the model is planned and built, its meta weights declare the dtypes they
+    load in; a failure puts back what they declared before."""
+    before = {n: w.dtype for n, w in weights.items() if n in dtypes and w.dtype != dtypes[n]}
+    for name in before:
+        weights[name].data = torch.empty_like(weights[name], dtype=dtypes[name], device="meta")
+    try:
+        yield
+    except BaseException:
+        for name, dtype in before.items():
+            weights[name].data = torch.empty_like(weights[name], dtype=dtype, device="meta")
+        raise
+
+
+def _plan_build_install(model, weights, slots, source, loaded_buffers, storage, streaming, where, ram, engine,
+                        from_checkpoint: bool) -> nn.Module:  # fmt: skip
     plan = make_plan(model, storage, streaming, where, always_fetch=engine is not None)
-    if checkpoint is not None or ram is not None:  # a model loaded already holds its weights in RAM
+    if from_checkpoint or ram is not None:  # a model loaded already holds its weights in RAM
         check_ram(plan.host_bytes, ram if ram is not None else available_ram(), where)
     if engine is None:
         engine = _default_engine(where, plan)
@@ -414,19 +451,21 @@ def _default_engine(where: Placement, plan: Plan) -> Engine:
     return SynchronousEngine()
 
 
-def _source(model, slots, weights, checkpoint):
+def _source(model, slots, weights, checkpoint, torch_dtype):
     """Where the values come from: the model itself, or a checkpoint matched against it (every
     weight and persistent buffer found, tied weights stored once or with equal bytes, no key left
-    over, shapes and dtypes equal: torch's strict load_state_dict); and the buffers it loads.
-    Everything is checked here, before the model is changed."""
+    over, shapes and dtypes equal, or converted by `torch_dtype`: torch's strict load_state_dict);
+    each loaded weight's dtype; and the buffers it loads. Everything is checked here, before the
+    model is changed."""
     if checkpoint is None:
-        return ModelSource(weights), {}
+        return ModelSource(weights), {}, {}
     stored = index(checkpoint)
+    dtype_for = _LoadDtype(torch_dtype, integrations.keep_in_fp32(model, torch_dtype) if torch_dtype else set())
     aliases: dict[int, list[str]] = {}
     for qualname, _, _, param in slots:
         aliases.setdefault(id(param), []).append(qualname)
-    found, problems = _match_weights(weights, aliases, stored)
-    loaded_buffers, buffer_problems = _match_buffers(model, stored)
+    found, dtypes, problems = _match_weights(weights, aliases, stored, dtype_for)
+    loaded_buffers, buffer_problems = _match_buffers(model, stored, dtype_for)
     problems += buffer_problems
     all_buffers = {f"{m}.{b}" if m else b for m, module in model.named_modules() for b in module._buffers}
     known = {a for names in aliases.values() for a in names} | all_buffers  # old checkpoints hold non-persistent buffers
@@ -434,46 +473,65 @@ def _source(model, slots, weights, checkpoint):
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise CheckpointError(f"checkpoint {os.fspath(checkpoint)!r} does not fit {type(model).__name__}: {shown}.")
-    return CheckpointSource(found, checkpoint_files(checkpoint)), loaded_buffers
+    return CheckpointSource(found, checkpoint_files(checkpoint), dtypes), dtypes, loaded_buffers
 
 
-def _mismatch(key: str, s, t: torch.Tensor) -> str | None:
-    """The problem when stored tensor `s` cannot be loaded as `t` as it is (no cast: a weight is
-    stored in the dtype it is computed in, and a cast would be a silent change of values)."""
-    if tuple(s.shape) != tuple(t.shape) or s.dtype != t.dtype:
-        return f"{key}: the checkpoint has {tuple(s.shape)} {s.dtype}, the model {tuple(t.shape)} {t.dtype}"
-    return None
+@dataclass(frozen=True)
+class _LoadDtype:
+    """The dtype a stored tensor loads in. Without `torch_dtype`, the one the model declares, which
+    must be the stored one (no cast: a cast would be a silent change of values). With it, as
+    diffusers' and transformers' from_pretrained(torch_dtype=) load: a floating-point tensor in
+    `torch_dtype`, or in float32 within the modules the model keeps there (`keep`); fp8 and
+    integer tensors as stored."""
+
+    torch_dtype: torch.dtype | None
+    keep: set[str]
+
+    def __call__(self, key: str, s, t: torch.Tensor) -> torch.dtype:
+        floats = s.dtype.is_floating_point and t.dtype.is_floating_point and s.dtype not in FLOAT8_DTYPES and t.dtype not in FLOAT8_DTYPES
+        if self.torch_dtype is None or not floats:
+            return t.dtype
+        return torch.float32 if any(f".{m}." in f".{key}." for m in self.keep) else self.torch_dtype
+
+    def mismatch(self, key: str, s, t: torch.Tensor) -> str | None:
+        """The problem when stored tensor `s` cannot be loaded as `t`."""
+        if tuple(s.shape) != tuple(t.shape) or s.dtype != self(key, s, t) and self.torch_dtype is None:
+            return f"{key}: the checkpoint has {tuple(s.shape)} {s.dtype}, the model {tuple(t.shape)} {t.dtype}"
+        if s.dtype != self(key, s, t) and not s.dtype.is_floating_point:
+            return f"{key}: the checkpoint has {s.dtype}, which torch_dtype does not convert, the model {t.dtype}"
+        return None
 
 
-def _match_weights(weights, aliases, stored):
-    """Each weight's stored tensor, and the problems. A tied weight (one parameter under several
-    names) may be stored under more than one of them, as untied checkpoints are; then those must
-    hold the same bytes, else which one loads would be an arbitrary pick."""
+def _match_weights(weights, aliases, stored, dtype_for: _LoadDtype):
+    """Each weight's stored tensor and the dtype it loads in, and the problems. A tied weight (one
+    parameter under several names) may be stored under more than one of them, as untied
+    checkpoints are; then those must hold the same bytes, else which one loads would be an
+    arbitrary pick."""
     from offload_tensor.checkpoint import same_bytes
 
-    found, problems = {}, []
+    found, dtypes, problems = {}, {}, []
     for name, w in weights.items():
         present = [a for a in aliases[id(w)] if a in stored]
         if not present:
             problems.append(f"missing key {name}")
             continue
         s = stored[present[0]]
-        problems += filter(None, [_mismatch(present[0], s, w)])
+        problems += filter(None, [dtype_for.mismatch(present[0], s, w)])
         problems += [
             f"{present[0]} and {other} hold different values, but the model ties them (one weight); load into a "
             "model built untied (e.g. tie_word_embeddings=False), or save the checkpoint from the tied model"
             for other in present[1:]
             if not same_bytes(s, stored[other])
         ]
-        found[name] = s
-    return found, problems
+        found[name], dtypes[name] = s, dtype_for(present[0], s, w)
+    return found, dtypes, problems
 
 
-def _match_buffers(model, stored):
-    """The stored tensor of every persistent buffer, and the problems: as for weights, a persistent
-    buffer missing from the checkpoint or of another shape or dtype is refused, whether the model
-    holds it on the meta device or real (init_empty_weights): an init value left in place, or a
-    stored value that broadcasts, would change the output silently."""
+def _match_buffers(model, stored, dtype_for: _LoadDtype):
+    """(stored tensor, dtype it loads in) of every persistent buffer, and the problems: as for
+    weights, a persistent buffer missing from the checkpoint or of another shape or dtype is
+    refused, whether the model holds it on the meta device or real (init_empty_weights): an init
+    value left in place, or a stored value that broadcasts, would change the output silently."""
     loaded, problems = {}, []
     for m_name, module in model.named_modules():
         for b_name, buf in module._buffers.items():
@@ -489,10 +547,10 @@ def _match_buffers(model, stored):
                     )
             elif key not in stored:
                 problems.append(f"missing key {key} (a buffer)")
-            elif (problem := _mismatch(key, stored[key], buf)) is not None:
+            elif (problem := dtype_for.mismatch(key, stored[key], buf)) is not None:
                 problems.append(problem)
             else:
-                loaded[(module, b_name)] = stored[key]
+                loaded[(module, b_name)] = (stored[key], dtype_for(key, stored[key], buf))
     return loaded, problems
 
 
@@ -507,9 +565,10 @@ def _buffers(model: nn.Module, device: torch.device, loaded: dict) -> list[tuple
             if buf is None:
                 continue
             if (module, name) in loaded:
-                stored = loaded[(module, name)]
+                stored, dtype = loaded[(module, name)]
                 value = torch.empty(stored.shape, dtype=stored.dtype)
                 read_into(stored, value)
+                value = value.to(dtype)
             else:
                 value = buf
             moved.append((module, name, buf.device, value.to(device)))
@@ -551,29 +610,39 @@ def _guarded_apply(module: nn.Module, dtypes: tuple[torch.dtype, ...], device: t
     """nn.Module._apply for a wrapped module (`.to()`, `.half()`, `.cuda()`, ...).
 
     Offloaded weights are never passed to `fn`: a device move is ignored with a warning (the
-    weights are fetched to the compute device anyway), a dtype change is refused (it would be
-    lost on the payload, or silently unwrap the weights). Buffers follow `fn` as usual.
+    weights are fetched to the compute device anyway; a move to a device this torch lacks too),
+    a dtype change is refused (it would be lost on the payload, or silently unwrap the weights),
+    a memory format (`channels_last`) is not applied to them, with a warning. Buffers follow `fn`
+    as usual.
     """
     for dtype in dtypes:
         probe = torch.empty(0, dtype=dtype, device=device)
         try:
             moved = fn(probe)
-        except RuntimeError:  # e.g. .cuda() on a machine without CUDA
-            moved = torch.empty(0, dtype=dtype, device="meta")
-        if moved.dtype != dtype:
+        except (RuntimeError, AssertionError) as e:  # .cuda() on a torch built without CUDA: AssertionError
+            moved, failed = None, e
+        if moved is not None and moved.dtype != dtype:
             raise RuntimeError(
                 f"{type(module).__name__} is wrapped by offload_tensor; changing its dtype ({dtype} -> {moved.dtype}) "
                 "after wrapping is not supported. Call unwrap_model(model), convert, and wrap again, or use "
                 "storage_dtype= to store the weights in fp8."
             )
-        if moved.device != device:
+        if moved is None or moved.device != device:
+            target = f".to({moved.device})" if moved is not None else f" move ({str(failed).splitlines()[0]})"
             warnings.warn(
-                f"{type(module).__name__}.to({moved.device}) ignored: its weights are managed by offload_tensor, "
+                f"{type(module).__name__}{target} ignored: its weights are managed by offload_tensor, "
                 f"which computes on {device}. To change the compute device, unwrap_model(model) and wrap again "
                 "with device=.",
                 stacklevel=4,
             )
             return module
+    if _first_time(fn) and _changes_layout(fn, device):
+        warnings.warn(
+            f"{type(module).__name__}.to(memory_format=...) is not applied to offloaded weights: they keep the layout "
+            "they were wrapped with (outputs are the same; a GPU may run the convolutions slower). Convert the model "
+            "before wrap_model_for_offload, which keeps a weight's layout.",
+            stacklevel=4,
+        )
     if recurse:
         for child in module.children():
             child._apply(fn)
@@ -583,18 +652,37 @@ def _guarded_apply(module: nn.Module, dtypes: tuple[torch.dtype, ...], device: t
     return module
 
 
+_seen_apply: weakref.WeakSet = weakref.WeakSet()  # the functions of _apply calls checked (once per call, not per module)
+
+
+def _first_time(fn) -> bool:
+    try:
+        if fn in _seen_apply:
+            return False
+        _seen_apply.add(fn)
+    except TypeError:  # not weakly referenceable: checked at every module
+        pass
+    return True
+
+
+def _changes_layout(fn, device: torch.device) -> bool:
+    """Whether `fn` converts 4-d or 5-d tensors to another memory format (channels_last)."""
+    for probe in (torch.empty(1, 2, 2, 2, device=device), torch.empty(1, 2, 2, 2, 2, device=device)):
+        if fn(probe).stride() != probe.stride():
+            return True
+    return False
+
+
 def _plain_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    # Hands out plain tensors (the payload, or its dequantized value) on the offload device, so
+    # Hands out plain tensors (the payload, or its decoded value) on the offload device, so
     # safetensors can save them and a plain model can load them. A payload an engine fetches is
     # handed out as a copy: a write into it would reach the payload without the engine knowing
-    # (its device copy stale); a copy makes every such write equally lost, none half-seen.
+    # (its device copy stale). `state_dict(keep_vars=True)` hands out the parameters themselves,
+    # whose writes land or are refused like any other.
     for name, param in module._parameters.items():
-        if isinstance(param, OffloadedTensor) and prefix + name in state_dict:
-            value = param.payload_value().detach()
-            if param._key is not None and any(value.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
-                                               for t in param._inner):  # fmt: skip
-                value = value.clone()
-            state_dict[prefix + name] = value
+        key = prefix + name
+        if isinstance(param, OffloadedTensor) and key in state_dict and state_dict[key] is not param:
+            state_dict[key] = param.payload_value(copy=param.fetches).detach()
 
 
 _WRAPPED_MODULE = "_offload_tensor_wrapped"

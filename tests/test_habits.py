@@ -267,3 +267,79 @@ def test_state_dict_of_fetched_weights_is_a_copy_never_half_seen(bias):
         model.state_dict()["0.weight"].mul_(2)
         assert torch.equal(model(x), expected)
     assert torch.equal(unwrap_model(model)(x), expected)
+
+
+@pytest.mark.parametrize("home", [*HOMES, "fp8"])
+def test_state_dict_keep_vars_hands_out_the_parameters_whose_writes_land(home, tmp_path):
+    """accelerate- and peft-style tooling collects weights with state_dict(keep_vars=True) and
+    writes through them: they are the parameters themselves (a copy lost the write)."""
+    plain = small()
+    model = wrap_model_for_offload(small(), storage_dtype=torch.float8_e4m3fn) if home == "fp8" else wrap_home(small(), home, tmp_path)
+    state = model.state_dict(keep_vars=True)
+    assert all(state[n] is p for n, p in model.named_parameters())
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        if home == "fp8":  # a partial write would re-quantize: refused; a whole value lands
+            with pytest.raises(RefusedOpError):
+                state["1.weight"].mul_(2)
+            state["1.weight"].copy_(model[1].weight.materialize() * 2)  # fp8 values doubled: exact
+            assert torch.equal(model[1].weight.materialize(), wrap_model_for_offload(small(), storage_dtype=torch.float8_e4m3fn)[1].weight.materialize() * 2)
+            return
+        model(ids)  # slots hold the old values
+        for m in (plain, model):
+            m.state_dict(keep_vars=True)["1.weight"].mul_(2)
+            m.state_dict(keep_vars=True)["3.bias"][0] = 5.0
+        assert torch.equal(model(ids), plain(ids))
+
+
+def test_cuda_on_a_torch_without_cuda_is_ignored_with_a_warning():
+    if torch.cuda.is_available():
+        pytest.skip("this torch has CUDA")
+    model = wrap_model_for_offload(small())
+    for move in (lambda m: m.cuda(), lambda m: m.to("cuda")):
+        with pytest.warns(UserWarning, match="ignored: its weights are managed by offload_tensor"):
+            assert move(model) is model
+    assert torch.equal(model(torch.tensor([[1, 2]])), small()(torch.tensor([[1, 2]])))
+
+
+def test_channels_last_after_wrapping_warns_and_keeps_outputs():
+    """The payloads keep the layout they were wrapped with (a conv kernel converted before the
+    wrap stays channels_last); a conversion afterwards says so instead of doing nothing quietly."""
+    def conv():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)).eval()
+
+    plain, model = conv(), wrap_model_for_offload(conv())
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.warns(UserWarning, match="memory_format=...\\) is not applied") as caught:
+        model.to(memory_format=torch.channels_last)
+    assert len([w for w in caught if "memory_format" in str(w.message)]) == 1  # once, not per module
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+    before = conv().to(memory_format=torch.channels_last)
+    wrapped = wrap_model_for_offload(conv().to(memory_format=torch.channels_last))
+    assert wrapped[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), before(x))
+
+
+def test_fuse_qkv_projections_after_wrapping_is_refused_and_before_is_offloaded():
+    """Fusing after the wrap built plain fused weights outside the budget, silently."""
+    from offload_tensor import OffloadedTensor, offload_report
+
+    plain = FLUX.make()
+    with torch.no_grad():
+        expected = output(plain(**FLUX.inputs(0)))
+    model = wrap_model_for_offload(FLUX.make(), engine=RecordingEngine())
+    names = [n for n, _ in model.named_parameters()]
+    for fuse in (model.fuse_qkv_projections, model.transformer_blocks[0].attn.fuse_projections):
+        with pytest.raises(RefusedOpError, match="Fuse before wrap_model_for_offload"):
+            fuse()
+    assert [n for n, _ in model.named_parameters()] == names  # nothing fused, nothing added
+    unwrap_model(model)
+    model.fuse_qkv_projections()  # before wrapping: the fused weights are offloaded like the others
+    wrap_model_for_offload(model, engine=RecordingEngine())
+    assert all(isinstance(p, OffloadedTensor) for p in model.parameters())
+    assert "unwrapped" not in offload_report(model).by_kind
+    with torch.no_grad():
+        torch.testing.assert_close(output(model(**FLUX.inputs(0))), expected, atol=1e-5, rtol=0)

@@ -228,7 +228,10 @@ def test_unwrap_gives_the_quantized_weights_back():
     assert "forward" not in model.transformer_blocks[0].attn.to_q.__dict__  # quanto routing undone
 
 
-def test_save_pretrained_round_trips_a_wrapped_torchao_model(tmp_path):
+@pytest.mark.parametrize("home", ["zero-copy", "sync", "disk"])
+def test_save_pretrained_round_trips_a_wrapped_torchao_model(home, tmp_path):
+    """Also with weights an engine fetches (the disk tier, any engine): state_dict handed out a
+    copy of the payload by asking the torchao wrapper for its storage, which it has none of."""
     from diffusers import FluxTransformer2DModel, TorchAoConfig
 
     FLUX.make().save_pretrained(tmp_path / "plain")
@@ -237,7 +240,15 @@ def test_save_pretrained_round_trips_a_wrapped_torchao_model(tmp_path):
         model = FluxTransformer2DModel.from_pretrained(
             tmp_path / "plain", quantization_config=TorchAoConfig(Int8WeightOnlyConfig())
         ).eval()
-    wrap_model_for_offload(model)
+    plain_state = model.state_dict()
+    if home == "disk":
+        wrap_model_for_offload(model, offload=tmp_path / "disk")
+    else:
+        wrap_model_for_offload(model, engine=engine_for(home))
+    state = model.state_dict()
+    assert state.keys() == plain_state.keys()
+    for k, v in state.items():
+        assert type(v) is type(plain_state[k]) and torch.equal(v.dequantize(), plain_state[k].dequantize()), k
     with torch.no_grad():
         expected = output(model(**FLUX.inputs(2)))
     model.save_pretrained(tmp_path / "wrapped", safe_serialization=False)  # torchao checkpoints are not safetensors
@@ -247,6 +258,10 @@ def test_save_pretrained_round_trips_a_wrapped_torchao_model(tmp_path):
     assert any(type(p) is not nn.Parameter for p in fresh.parameters())  # loaded quantized
     with torch.no_grad():
         assert torch.equal(output(fresh(**FLUX.inputs(2))), expected)
+    unwrap_model(model)
+    assert all(type(v) is type(plain_state[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(output(model(**FLUX.inputs(2))), expected)
 
 
 @pytest.mark.gpu
@@ -358,3 +373,24 @@ def test_dequantize_of_a_streamed_model_is_a_clear_error_and_changes_nothing(flu
     with pytest.raises(RuntimeError, match=r"unwrap_model\(model\), model.dequantize\(\)"):
         model.dequantize()
     assert model.is_quantized and torch.equal(run(model), expected)
+
+
+@pytest.mark.parametrize("engine", ["zero-copy", "sync"])
+def test_dequantize_of_a_quanto_model_raises_as_diffusers_does_and_changes_nothing(flux_checkpoint, engine):
+    """diffusers cannot dequantize quanto models: the wrapped model raises diffusers' own error
+    before its payloads change (they were dequantized first, then the error left quanto modules
+    holding plain weights that could be neither saved nor unwrapped)."""
+    from diffusers import QuantoConfig
+
+    plain = from_pretrained(flux_checkpoint, QuantoConfig(weights_dtype="int8"))
+    expected, plain_state = run(plain), plain.state_dict()
+    with pytest.raises(NotImplementedError, match="has no implementation of `dequantize`") as plain_error:
+        plain.dequantize()
+    model = wrap_model_for_offload(from_pretrained(flux_checkpoint, QuantoConfig(weights_dtype="int8")), engine=engine_for(engine))
+    with pytest.raises(NotImplementedError) as error:
+        model.dequantize()
+    assert str(error.value) == str(plain_error.value)
+    assert torch.equal(run(model), expected)
+    state = model.state_dict()
+    assert state.keys() == plain_state.keys() and all(torch.equal(v, plain_state[k]) for k, v in state.items())
+    assert torch.equal(run(unwrap_model(model)), expected)

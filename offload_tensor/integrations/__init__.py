@@ -52,6 +52,8 @@ class Integration:
         pipelines; None otherwise.
     before_load(model): bring a model about to be loaded from a checkpoint to the state the
         library's own loading gives it (transformers ties weights).
+    keep_in_fp32(model, dtype): names of modules whose weights the library's own loading keeps
+        in float32 when the model is loaded in `dtype` (`_keep_in_fp32_modules`).
     """
 
     name: str
@@ -63,6 +65,7 @@ class Integration:
     blocks: Callable[[nn.Module], Iterable[str]] = lambda model: ()
     components: Callable[[object], dict[str, nn.Module] | None] = lambda obj: None
     before_load: Callable[[nn.Module], None] = _nothing
+    keep_in_fp32: Callable[[nn.Module, object], Iterable[str]] = lambda model, dtype: ()
 
     @property
     def active(self) -> bool:
@@ -94,6 +97,10 @@ def check(model: nn.Module) -> None:
 def before_load(model: nn.Module) -> None:
     for integration in active():
         integration.before_load(model)
+
+
+def keep_in_fp32(model: nn.Module, dtype) -> set[str]:
+    return {name for integration in active() for name in integration.keep_in_fp32(model, dtype)}
 
 
 def install(model: nn.Module) -> list[Undo]:

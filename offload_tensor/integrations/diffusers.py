@@ -44,18 +44,33 @@ def blocks(model: nn.Module) -> list[str]:
 
 def install(model: nn.Module):
     """Instance methods on a wrapped diffusers model: `dequantize` (quantized models), and a clear
-    refusal of diffusers' own offloading and casting."""
+    refusal of diffusers' own offloading and casting, and of fusing QKV projections (which would
+    build plain fused weights outside the offload and the budget)."""
     if not from_library(model, "diffusers"):
         return None
     added = []
     if getattr(model, "hf_quantizer", None) is not None:
         model.__dict__["dequantize"] = functools.partial(dequantize, model)
         added.append("dequantize")
-    for method in _REFUSED_ON_MODELS:
+    for method in (*_REFUSED_ON_MODELS, _FUSE):
         if hasattr(model, method):
             model.__dict__[method] = _Refused(method, type(model).__name__, "unwrap_model(model)")
             added.append(method)
-    return RemoveAttributes([model], tuple(added))
+    fusing = [m for m in model.modules() if m is not model and callable(getattr(m, "fuse_projections", None))]
+    for module in fusing:  # each attention module's own: what fuse_qkv_projections calls
+        module.__dict__["fuse_projections"] = _Refused("fuse_projections", type(module).__name__, "unwrap_model(model)")
+    return _Undo([RemoveAttributes([model], tuple(added)), RemoveAttributes(fusing, ("fuse_projections",))])
+
+
+class _Undo:
+    """Several undos as one value (pickles, deep-copies)."""
+
+    def __init__(self, undos: list) -> None:
+        self.undos = undos
+
+    def __call__(self) -> None:
+        for undo in self.undos:
+            undo()
 
 
 def dequantize(model: nn.Module) -> nn.Module:
@@ -67,6 +82,10 @@ def dequantize(model: nn.Module) -> nn.Module:
     from offload_tensor.wrap import named_parameter_slots, offload_state
 
     state = offload_state(model, "dequantize")
+    from diffusers.quantizers.base import DiffusersQuantizer
+
+    if type(model.hf_quantizer)._dequantize is DiffusersQuantizer._dequantize:  # quanto and others: diffusers cannot
+        DiffusersQuantizer._dequantize(model.hf_quantizer, model)  # raises diffusers' own error, before any change
     quantized = {
         id(p): p for _, _, _, p in named_parameter_slots(model) if isinstance(p, OffloadedTensor) and isinstance(p._kind, Subclass)
     }
@@ -100,8 +119,11 @@ def dequantize(model: nn.Module) -> nn.Module:
 
 # -- pipelines ---------------------------------------------------------------------------------
 DENOISERS = ("transformer", "unet", "prior", "decoder")  # components run every step, in this order of preference
-_REFUSED_ON_PIPELINES = ("enable_model_cpu_offload", "enable_sequential_cpu_offload", "enable_group_offload")
+_REFUSED_ON_PIPELINES = (
+    "enable_model_cpu_offload", "enable_sequential_cpu_offload", "enable_group_offload", "fuse_qkv_projections",
+)  # fmt: skip
 _REFUSED_ON_MODELS = ("enable_group_offload", "enable_layerwise_casting")
+_FUSE = "fuse_qkv_projections"
 
 
 def components(obj) -> dict[str, nn.Module] | None:
@@ -258,7 +280,8 @@ def wrap_pipeline_for_offload(pipe, *, components: list[str] | None = None, budg
         raise
     pipe.__dict__["_offload_tensor_components"] = done
     for method in _REFUSED_ON_PIPELINES:
-        pipe.__dict__[method] = _Refused(method, type(pipe).__name__, "unwrap_pipeline(pipe)")
+        if hasattr(pipe, method):
+            pipe.__dict__[method] = _Refused(method, type(pipe).__name__, "unwrap_pipeline(pipe)")
     return pipe
 
 
@@ -286,7 +309,8 @@ def _pipeline_components(pipe, caller: str) -> dict[str, nn.Module]:
 
 
 class _Refused:
-    """Stands in for another offloader's method on a wrapped model or pipeline."""
+    """Stands in for a method that would work behind the offload's back on a wrapped model or
+    pipeline: another offloader's, or QKV fusion's."""
 
     def __init__(self, method: str, owner: str, fix: str) -> None:
         self.method, self.owner, self.fix = method, owner, fix
@@ -294,28 +318,45 @@ class _Refused:
     def __call__(self, *args, **kwargs):
         from compile_rules.table import RefusedOpError
 
+        if "fuse" in self.method:
+            raise RefusedOpError(
+                f"{self.method}() on {self.owner} after wrapping would build plain fused weights (torch.cat of the "
+                "offloaded ones) outside the offload and the budget. Fuse before wrap_model_for_offload (the fused "
+                f"weights are then offloaded like the others), or call {self.fix} first."
+            )
         raise RefusedOpError(
             f"{self.method}() on {self.owner}: its weights are already offloaded by offload_tensor, whose engine moves "
             f"them; combining two offloaders would move weights behind each other's back. Call {self.fix} first."
         )
 
 
+def keep_in_fp32(model: nn.Module, dtype) -> list[str]:
+    """diffusers loads the modules a model names in `_keep_in_fp32_modules` in float32, whatever `torch_dtype`."""
+    if not from_library(model, "diffusers"):
+        return []
+    names = getattr(model, "_keep_in_fp32_modules", None) or ()
+    return [names] if isinstance(names, str) else list(names)
+
+
 INTEGRATION = register(
-    Integration("diffusers", "diffusers", check=check, install=install, blocks=blocks, components=components)
+    Integration("diffusers", "diffusers", check=check, install=install, blocks=blocks, components=components,
+                keep_in_fp32=keep_in_fp32)  # fmt: skip
 )
 
 
-def from_pretrained(cls, path, *, subfolder: str | None = None, **kwargs) -> nn.Module:
+def from_pretrained(cls, path, *, subfolder: str | None = None, torch_dtype: torch.dtype | None = None,
+                    **kwargs) -> nn.Module:  # fmt: skip
     """`cls.from_pretrained` for a model that should never be in RAM whole: `cls` (a diffusers
     model class) is built from its config with its weights on the meta device (buffers real,
-    as accelerate.init_empty_weights builds them), each weight in the dtype its
-    checkpoint holds, then wrapped with `checkpoint=` the safetensors under `path[/subfolder]`
-    (the rest of the keyword arguments are wrap_model_for_offload's: budget, offload, ...).
-    Local folders only: nothing is downloaded.
+    as accelerate.init_empty_weights builds them), each weight in the dtype its checkpoint
+    holds, or converted to `torch_dtype` while reading (modules the model keeps in float32 stay
+    there, as diffusers loads them), then wrapped with `checkpoint=` the safetensors under
+    `path[/subfolder]` (the rest of the keyword arguments are wrap_model_for_offload's: budget,
+    offload, ...). Local folders only: nothing is downloaded.
 
     Example:
         >>> transformer = from_pretrained(FluxTransformer2DModel, "FLUX.1-dev", subfolder="transformer",
-        ...                               budget="12GiB", storage_dtype=torch.float8_e4m3fn)
+        ...                               torch_dtype=torch.bfloat16, budget="12GiB")
     """
     import os
     from pathlib import Path
@@ -341,4 +382,4 @@ def from_pretrained(cls, path, *, subfolder: str | None = None, **kwargs) -> nn.
             key = f"{module_name}.{name}" if module_name else name
             if buf is not None and key in stored and stored[key].dtype != buf.dtype:
                 module._buffers[name] = buf.to(stored[key].dtype)
-    return wrap_model_for_offload(model, checkpoint=folder, **kwargs)
+    return wrap_model_for_offload(model, checkpoint=folder, torch_dtype=torch_dtype, **kwargs)

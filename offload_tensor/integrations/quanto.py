@@ -58,8 +58,11 @@ def _conv_forward(module: nn.Module, input: torch.Tensor) -> torch.Tensor:
 
 def _save_to_state_dict(module: nn.Module, destination: dict, prefix: str, keep_vars: bool) -> None:
     type(module)._save_to_state_dict(module, destination, prefix, keep_vars)  # saves `weight` unflattened
-    weight = destination.pop(prefix + "weight")
-    weight.payload_value().save_to_state_dict(destination, prefix + "weight.", keep_vars)
+    weight = destination[prefix + "weight"]
+    if weight._kind.name != "quanto":
+        return  # dequantized (model.dequantize()): a plain weight, saved as one
+    del destination[prefix + "weight"]
+    weight.payload_value(copy=weight.fetches).save_to_state_dict(destination, prefix + "weight.", keep_vars)
 
 
 def _load_from_state_dict(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:

@@ -1,8 +1,10 @@
 """transformers: a model's `_no_split_modules` are its repeated blocks (decoder layers); a model
-loaded from a checkpoint is tied first, as transformers' own loading ties it."""
+loaded from a checkpoint is tied first, as transformers' own loading ties it; the modules it keeps
+in float32 when loaded in another dtype."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from offload_tensor.integrations import Integration, from_library, register
@@ -22,4 +24,15 @@ def before_load(model: nn.Module) -> None:
         model.tie_weights()
 
 
-INTEGRATION = register(Integration("transformers", "transformers", blocks=blocks, before_load=before_load))
+def keep_in_fp32(model: nn.Module, dtype: torch.dtype) -> list[str]:
+    # As transformers loads: `_keep_in_fp32_modules_strict` in float16 and bfloat16,
+    # `_keep_in_fp32_modules` in float16 only.
+    if not from_library(model, "transformers") or dtype not in (torch.float16, torch.bfloat16):
+        return []
+    names = list(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return names + list(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else names
+
+
+INTEGRATION = register(
+    Integration("transformers", "transformers", blocks=blocks, before_load=before_load, keep_in_fp32=keep_in_fp32)
+)
