@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="what a model needs at a VRAM budget: resident, streamed, per-step bytes")
     source = plan.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", choices=MODELS, help="a known model (transformer of FLUX.1-dev, Wan2.1 14B, ...)")
-    source.add_argument("--config", metavar="CONFIG.json", help="a diffusers model config (with its _class_name)")
+    source.add_argument("--config", metavar="CONFIG.json", help="a diffusers model's config.json (transformer/...)")
     plan.add_argument("--budget", help="device memory for weights, e.g. 12GiB (default: nothing resident)")
     plan.add_argument("--ram", help="host RAM for weights, e.g. 32GiB (default: this machine's)")
     plan.add_argument("--device", default="cuda", help="the compute device the plan is for (default: cuda)")

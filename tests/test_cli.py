@@ -83,3 +83,16 @@ def test_plan_for_the_disk_tier_needs_no_folder():
     done = cli("plan", "--model", "flux-dev", "--offload", "disk", "--budget", "12GiB", "--bandwidth", "2GB")
     assert done.returncode == 0, done.stderr
     assert "weights live on disk" in done.stdout and "from disk" in done.stdout
+
+
+def test_plan_of_a_pipeline_index_says_to_pass_a_components_config(tmp_path):
+    """model_index.json sits at the top of a pipeline's folder: a natural thing to pass, and a clear error."""
+    import json
+
+    from test_catalog import FLUX_INDEX
+
+    (tmp_path / "model_index.json").write_text(json.dumps(FLUX_INDEX))
+    done = cli("plan", "--config", str(tmp_path / "model_index.json"), timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "model_index.json of a pipeline (FluxPipeline)" in done.stderr
+    assert f"pass one component's config.json, e.g. {tmp_path / 'transformer' / 'config.json'}" in done.stderr
