@@ -28,7 +28,7 @@ from torch import nn
 
 from offload_tensor import integrations
 from offload_tensor.payloads import kind_for, stored_bytes
-from offload_tensor.policy import Placement, Storage, Streaming, parse_bytes
+from offload_tensor.policy import Placement, Storage, Streaming, parse_bandwidth, parse_bytes
 
 
 def named_parameter_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
@@ -188,6 +188,14 @@ def make_plan(
         Group(name, tuple(names), sum(size[n] for n in names), home, False, block)
         for name, names, block in group_weights(model, weights, streaming.granularity)
     ]
+    moves = home != where or always_fetch  # else every weight is used where it lives: no engine, no slots
+    most = max(len(groups) - 1, 1)  # 1, the default, is always accepted
+    if moves and streaming.prefetch > most:  # the engine allocates prefetch + 1 slots, used or not
+        raise ValueError(
+            f"prefetch={streaming.prefetch} is more than {type(model).__name__}'s {len(groups)} groups can use: at "
+            f"most {len(groups) - 1} are fetched ahead of the one in use, and each one more adds a device slot the "
+            f"size of the largest group; use prefetch <= {most}."
+        )
     if placement.budget is not None:
         resident = choose_resident([g.nbytes for g in groups], placement.budget - placement.reserve, streaming.prefetch)
     else:
@@ -321,7 +329,7 @@ def plan(
         plans = result.plans
     if ram is not None:
         check_ram(sum(p.host_bytes for p in plans), ram, where)
-    rate = parse_bytes(bandwidth, "bandwidth") if bandwidth is not None else measured_bandwidth(where)
+    rate = parse_bandwidth(bandwidth, "bandwidth") if bandwidth is not None else measured_bandwidth(where)
     return replace(result, bandwidth=rate)
 
 

@@ -23,17 +23,33 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 def parse_bytes(value: int | str, what: str) -> int:
     """`12GiB`, `500MB`, `1.5 GB`, or an int of bytes."""
-    if isinstance(value, bool):
-        raise ValueError(f"{what}={value!r} is not a size; use an int of bytes or a string such as '12GiB'.")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"{what}={value} is negative; use a size >= 0 (bytes, or a string such as '12GiB').")
+    size = None if isinstance(value, float) else _signed_size(value)
+    if size is None:
+        raise ValueError(f"{what}={value!r} is not a size; use an int of bytes or a string such as '12GiB' or '500MB'.")
+    if size < 0:
+        raise ValueError(f"{what}={value!r} is negative; use a size >= 0 (bytes, or a string such as '12GiB').")
+    return int(size)
+
+
+def parse_bandwidth(value: float | int | str, what: str) -> float:
+    """Bytes per second, > 0: a number, or a size moved per second (`25GB`)."""
+    rate = _signed_size(value)
+    if rate is None or not 0 < rate < float("inf"):
+        problem = "is negative" if rate is not None and rate < 0 else "is not a rate"
+        raise ValueError(f"{what}={value!r} {problem}; use bytes per second > 0 (a number, or a string such as "
+                         "'25GB').")  # fmt: skip
+    return float(rate)
+
+
+def _signed_size(value) -> float | None:
+    """A size as written, sign included, or None when it is not one."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
     if isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-        if match and match.group(2).lower() in _UNITS:
-            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    raise ValueError(f"{what}={value!r} is not a size; use an int of bytes or a string such as '12GiB' or '500MB'.")
+        match = re.fullmatch(r"\s*(-?)\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if match and match.group(3).lower() in _UNITS:
+            return float(match.group(1) + match.group(2)) * _UNITS[match.group(3).lower()]
+    return None
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,17 @@ def test_bad_arguments_are_refused_before_any_change(kwargs, error, match):
     _assert_unchanged(model, snapshot)
 
 
+def test_prefetch_beyond_the_groups_is_refused_where_weights_move(tmp_path):
+    """The engine allocates prefetch + 1 slots: where weights move (here from disk) a prefetch more
+    than the model's groups can use is refused; computing on the CPU from RAM nothing moves."""
+    model = FLUX.make()
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="prefetch=1000 is more than FluxTransformer2DModel's [0-9]+ groups can use"):
+        wrap_model_for_offload(model, offload="disk", disk_path=tmp_path, prefetch=1000)
+    _assert_unchanged(model, snapshot)
+    wrap_model_for_offload(model, prefetch=1000)
+
+
 def test_cuda_requested_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
