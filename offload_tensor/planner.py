@@ -28,7 +28,7 @@ from torch import nn
 
 from offload_tensor import integrations
 from offload_tensor.payloads import kind_for, stored_bytes
-from offload_tensor.policy import Placement, Storage, Streaming, parse_bandwidth, parse_bytes
+from offload_tensor.policy import Placement, Storage, Streaming, Tier, parse_bandwidth, parse_bytes
 
 
 def named_parameter_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
@@ -53,7 +53,7 @@ class Group:
     name: str  # the block's qualified name, or the module's whose own weights these are
     weights: tuple[str, ...]  # qualified names of its weights (first name of a tied weight)
     nbytes: int  # as stored (fp8: values and scales)
-    home: str  # where it lives: "ram" (a host arena, or the weights where they are) or "disk"
+    home: Tier  # where it lives: RAM (a host arena, or the weights where they are) or DISK
     resident: bool  # used where the model computes, without a fetch
     block: bool  # a repeated block
 
@@ -114,7 +114,7 @@ class Plan:
             return 0
         if self.placement.offload == "disk":
             return self.slot_bytes
-        return sum(g.nbytes for g in self.groups if g.home == "ram")
+        return sum(g.nbytes for g in self.groups if g.home == Tier.RAM)
 
     @property
     def host_bytes(self) -> int:
@@ -131,7 +131,7 @@ class Plan:
         largest = max((g.nbytes for g in self.groups), default=0)
         return (self.streaming.prefetch + 1) * largest + self.placement.reserve
 
-    def bytes_in(self, tier: str) -> int:
+    def bytes_in(self, tier: Tier | str) -> int:
         return sum(g.nbytes for g in self.groups if tier_of(g, self.device) == tier)
 
     def group_of(self) -> dict[str, int]:
@@ -144,10 +144,10 @@ class Plan:
         return self.table()
 
 
-def tier_of(group: Group, device: torch.device) -> str:
-    """Where compute reads a group from: "gpu" (resident on CUDA), "ram" or "disk"."""
+def tier_of(group: Group, device: torch.device) -> Tier:
+    """Where compute reads a group from: GPU (resident on CUDA), RAM or DISK."""
     if group.resident:
-        return "gpu" if device.type == "cuda" else "ram"
+        return Tier.GPU if device.type == "cuda" else Tier.RAM
     return group.home
 
 
@@ -182,8 +182,8 @@ def make_plan(
     weights = unique_weights(model)
     per_channel = storage.scale == "channel"
     size = {n: stored_bytes(w, kind_for(w, storage.dtype, per_channel)) for n, w in weights.items()}
-    home = placement.offload if placement.offload == "disk" else "ram"
-    where = placement.resident_tier  # "ram" computing on the CPU, "gpu" on CUDA
+    home = Tier.DISK if placement.offload == "disk" else Tier.RAM
+    where = placement.resident_tier  # RAM computing on the CPU, GPU on CUDA
     groups = [
         Group(name, tuple(names), sum(size[n] for n in names), home, False, block)
         for name, names, block in group_weights(model, weights, streaming.granularity)

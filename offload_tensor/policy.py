@@ -8,6 +8,7 @@ an error before anything else happens.
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 from dataclasses import dataclass
@@ -16,6 +17,17 @@ from pathlib import Path
 import torch
 
 from offload_tensor.payloads import FLOAT8_DTYPES
+
+class Tier(str, enum.Enum):
+    """Where compute reads a weight from: resident on the GPU, from host RAM, or from disk. A str,
+    so `by_tier["gpu"]` and `tier == "ram"` hold, and printed as its value."""
+
+    GPU = "gpu"
+    RAM = "ram"
+    DISK = "disk"
+
+    __str__ = str.__str__
+
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
@@ -102,8 +114,8 @@ class Placement:
     reserve: int = 0
 
     @property
-    def resident_tier(self) -> str:
-        return "device" if self.device.type == "cuda" else "ram"
+    def resident_tier(self) -> Tier:
+        return Tier.GPU if self.device.type == "cuda" else Tier.RAM
 
 
 def placement(device, offload, disk_path, budget=None, reserve=0, check_device: bool = True,

@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from offload_tensor.planner import format_bytes
+from offload_tensor.policy import Tier
 from offload_tensor.tensor import OffloadedTensor
 from offload_tensor.wrap import offload_state
 
@@ -14,7 +15,8 @@ from offload_tensor.wrap import offload_state
 class OffloadReport:
     """Bytes of a wrapped model's weights and buffers.
 
-    `by_tier`: weight bytes where they live: "gpu", "ram" or "disk".
+    `by_tier`: weight bytes where compute reads them from, by `Tier` ("gpu", "ram", "disk"), the
+    plan's names (`Plan.bytes_in`).
     `by_kind`: weight bytes per payload kind ("plain", "fp8", "torchao", ...), buffers under
     "buffer", weights added after wrapping (adapters) under "unwrapped".
     `resident_bytes`: used where the model computes (no fetch), buffers included;
@@ -25,7 +27,7 @@ class OffloadReport:
     """
 
     compute_device: str
-    by_tier: dict[str, int]
+    by_tier: dict[Tier, int]
     by_kind: dict[str, int]
     resident_bytes: int
     offloaded_bytes: int
@@ -112,7 +114,7 @@ def offload_report(model):
     state = offload_state(model, "offload_report")
     compute = str(state.compute_device)
     resident_tier = state.plan.placement.resident_tier
-    by_tier: Counter[str] = Counter()
+    by_tier: Counter[Tier] = Counter()
     by_kind: Counter[str] = Counter()
     by_device: Counter[str] = Counter()
     offloaded = resident = 0
