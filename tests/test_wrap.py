@@ -98,7 +98,7 @@ def test_report_counts_every_payload_byte_once():
     report = offload_report(wrap_model_for_offload(model))
     assert report.by_kind["plain"] == weight_bytes
     assert report.resident_bytes == weight_bytes + buffer_bytes and report.offloaded_bytes == 0
-    assert report.summary.startswith("loaded completely:") and "KiB resident on cpu" in str(report)
+    assert report.summary.startswith("all ") and report.summary.endswith("KiB resident on cpu; nothing streams")
 
 
 def test_no_cuda_says_so_once(caplog):
