@@ -298,7 +298,7 @@ def plan(
     offload: str | os.PathLike = "cpu",
     disk_path: str | os.PathLike | None = None,
     reserve: int | str = 0,
-    storage_dtype: torch.dtype | None = None,
+    storage_dtype: torch.dtype | str | None = None,
     fp8_scale: str = "channel",
     prefetch: int = 1,
     pin_memory: bool = True,

@@ -18,6 +18,7 @@ import torch
 
 from offload_tensor.payloads import FLOAT8_DTYPES
 
+
 class Tier(str, enum.Enum):
     """Where compute reads a weight from: resident on the GPU, from host RAM, or from disk. A str,
     so `by_tier["gpu"]` and `tier == "ram"` hold, and printed as its value."""
@@ -64,15 +65,27 @@ def _signed_size(value) -> float | None:
     return None
 
 
+_FLOAT8_BY_NAME = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT8_DTYPES}  # "float8_e4m3fn": ...
+
+
 @dataclass(frozen=True)
 class Storage:
     """How weights are stored: as they are, or matrices and conv kernels in fp8 with a float32
-    scale per output channel (`scale="channel"`) or per weight (`"tensor"`)."""
+    scale per output channel (`scale="channel"`) or per weight (`"tensor"`). `dtype` may be given
+    by name, as configs carry it ("float8_e4m3fn", "torch.float8_e5m2"); it is kept as the dtype."""
 
     dtype: torch.dtype | None = None
     scale: str = "channel"
 
     def __post_init__(self) -> None:
+        if isinstance(self.dtype, str):
+            named = _FLOAT8_BY_NAME.get(self.dtype.strip().removeprefix("torch."))
+            if named is None:
+                raise ValueError(
+                    f"storage_dtype={self.dtype!r} is not supported; use 'float8_e4m3fn' or 'float8_e5m2' (or "
+                    "torch.float8_e4m3fn, torch.float8_e5m2), or None to keep the weights' own dtype."
+                )
+            object.__setattr__(self, "dtype", named)
         if self.dtype is not None and self.dtype not in FLOAT8_DTYPES:
             raise ValueError(
                 f"storage_dtype={self.dtype} is not supported; use torch.float8_e4m3fn, torch.float8_e5m2 "

@@ -117,6 +117,8 @@ def test_no_cuda_says_so_once(caplog):
 # -- bad input: refused before anything changes --------------------------------------------
 BAD_ARGUMENTS = [
     (dict(storage_dtype=torch.int8), ValueError, "storage_dtype"),
+    (dict(storage_dtype="bfloat16"), ValueError, "storage_dtype='bfloat16' is not supported; use 'float8_e4m3fn'"),
+    (dict(storage_dtype="fp8"), ValueError, "storage_dtype='fp8' is not supported; use 'float8_e4m3fn'"),
     (dict(fp8_scale="row"), ValueError, "fp8_scale"),
     (dict(prefetch=-1), ValueError, "prefetch"),
     (dict(prefetch=1.5), ValueError, "prefetch"),
