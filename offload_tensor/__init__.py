@@ -20,6 +20,7 @@ _API = {
     "OffloadReport": "offload_tensor.report",
     "plan": "offload_tensor.planner",
     "Plan": "offload_tensor.planner",
+    "Tier": "offload_tensor.policy",
     "OffloadedTensor": "offload_tensor.tensor",
     "RefusedOpError": "compile_rules.table",
     "CheckpointError": "offload_tensor.checkpoint",

@@ -56,9 +56,29 @@ def config_of(model_or_path: str | os.PathLike) -> dict:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not JSON ({e}); pass a diffusers model config.json.") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not a config; pass a model's config.json.")
+    components = [k for k, v in config.items() if _is_library_class_pair(v)]
+    if components:  # plan() takes a pipeline, but the command builds one model from one config
+        pipeline = config.get("_class_name", "components " + ", ".join(components))
+        raise ValueError(
+            f"{path} is the model_index.json of a pipeline ({pipeline}), not a model's config; pass one component's "
+            f"config.json, e.g. {_component_config(path.parent, components)}."
+        )
     if "_class_name" not in config:
         raise ValueError(f"{path} has no _class_name; pass the config.json of a diffusers model (e.g. transformer/config.json).")
     return config
+
+
+def _is_library_class_pair(value) -> bool:
+    """A model_index.json entry: [library, class] (both None for an absent component)."""
+    return isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value)
+
+
+def _component_config(folder: Path, components: list[str]) -> Path:
+    """The config.json of the pipeline's denoiser (where its weights are), else of its first component."""
+    name = next((c for c in ("transformer", "unet") if c in components), components[0])
+    return folder / name / "config.json"
 
 
 def meta_model(model_or_path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
@@ -70,7 +90,15 @@ def meta_model(model_or_path: str | os.PathLike, dtype: torch.dtype = torch.bflo
     except ImportError as e:
         raise ValueError(f"{name} is a diffusers model: pip install diffusers") from e
     cls = getattr(diffusers, name, None)
-    if cls is None or not hasattr(cls, "from_config"):
+    if isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline):
+        raise ValueError(
+            f"{name} is a pipeline, not a model; pass one of its models' config.json (e.g. transformer/config.json)."
+        )
+    if isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin):
+        raise ValueError(
+            f"{name} is a scheduler: it has no weights; pass a model's config.json (e.g. transformer/config.json)."
+        )
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
         raise ValueError(f"{name} is not a diffusers model class this diffusers ({diffusers.__version__}) knows.")
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device("meta"):

@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="what a model needs at a VRAM budget: resident, streamed, per-step bytes")
     source = plan.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", choices=MODELS, help="a known model (transformer of FLUX.1-dev, Wan2.1 14B, ...)")
-    source.add_argument("--config", metavar="CONFIG.json", help="a diffusers model config (with its _class_name)")
+    source.add_argument("--config", metavar="CONFIG.json", help="a diffusers model's config.json (transformer/...)")
     plan.add_argument("--budget", help="device memory for weights, e.g. 12GiB (default: nothing resident)")
     plan.add_argument("--ram", help="host RAM for weights, e.g. 32GiB (default: this machine's)")
     plan.add_argument("--device", default="cuda", help="the compute device the plan is for (default: cuda)")
@@ -87,8 +87,24 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+# Options that take a size. argparse takes a value that starts with "-" for an option unless it is a
+# plain negative number, so `--budget -5GiB` would be "expected one argument"; `_sizes_as_values`
+# hands such a value to its option, which then says that it is negative, as `--budget=-5GiB` does.
+_SIZE_OPTIONS = ("--budget", "--ram", "--bandwidth")
+
+
+def _sizes_as_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in _SIZE_OPTIONS and arg.startswith("-") and not arg.startswith("--"):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_sizes_as_values(sys.argv[1:] if argv is None else argv))
     _quiet()
     try:
         if args.command == "plan":
@@ -136,11 +152,11 @@ def _plan(args) -> None:
 
     from offload_tensor.catalog import meta_model
     from offload_tensor.planner import plan
-    from offload_tensor.policy import parse_bytes
+    from offload_tensor.policy import parse_bandwidth, parse_bytes
 
-    for name in ("budget", "ram", "bandwidth"):  # before the model is built
-        if getattr(args, name) is not None:
-            parse_bytes(getattr(args, name), f"--{name}")
+    for name, parse in (("budget", parse_bytes), ("ram", parse_bytes), ("bandwidth", parse_bandwidth)):
+        if getattr(args, name) is not None:  # before the model is built
+            parse(getattr(args, name), f"--{name}")
     dtype = getattr(torch, args.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"--dtype {args.dtype}: not a torch dtype; use bfloat16, float16 or float32.")

@@ -17,6 +17,16 @@ import torch
 
 from offload_tensor.testing import tiny_flux, tiny_flux_inputs
 
+# Why a tiny model steps slower wrapped than plain (on the CPU most of all): printed by demo and bench.
+TINY_MODELS = "tiny models move tiny groups: their step time is dominated by per-op costs, not by the bus"
+WARM_UP_STEPS = 2  # untimed: compile, and let the streaming engine learn the order
+
+
+def _warm_up(model, inputs: dict) -> None:
+    with torch.no_grad():
+        for _ in range(WARM_UP_STEPS):
+            model(**inputs)
+
 
 def _step_ms(model, inputs: dict, steps: int, device: torch.device) -> tuple[float, torch.Tensor]:
     times = []
@@ -54,6 +64,8 @@ def run(device: str | None = None, steps: int = 20, storage_dtype: torch.dtype |
             wrapped_health = compile_rules.check(wrapped, repeated_blocks=True, fullgraph=True, **inputs)
             plain.compile_repeated_blocks(fullgraph=True)
             wrapped.compile_repeated_blocks(fullgraph=True)
+        _warm_up(plain, inputs)
+        _warm_up(wrapped, inputs)
         plain_ms, plain_out = _step_ms(plain, inputs, steps, compute)
         wrapped_ms, wrapped_out = _step_ms(wrapped, inputs, steps, compute)
         diff = (plain_out - wrapped_out).abs().max().item()
@@ -82,11 +94,31 @@ def run(device: str | None = None, steps: int = 20, storage_dtype: torch.dtype |
             recompiles = f"{row['plain_recompiles']} / {row['recompiles']}"
         print(f"{row['mode']:10} {row['plain_ms']:>14.3f} {row['wrapped_ms']:>16.3f} {same:>22} {breaks:>13} "
               f"{graphs:>7} {recompiles:>11}")
+    timed = f"{steps} timed step" + ("s" if steps != 1 else "")
+    print(f"(ms/step: the median of {timed}, after {WARM_UP_STEPS} untimed ones that compile and learn the order)")
+    print(f"({TINY_MODELS})")
     print("(compiled: compile_repeated_blocks(fullgraph=True); counts are plain / wrapped; the plain model's own")
     print(" recompile is its single-stream blocks seeing a strided input, see docs/design.md, 'Counting graphs')")
     print()
     print(report)
+    print()
+    results["verdict"] = _verdict(rows, compute, tier)
+    print(results["verdict"])
     return results
+
+
+def _verdict(rows: list[dict], compute: torch.device, tier: str) -> str:
+    """One line: what ran, whether the outputs equal the plain model's, the graph breaks."""
+    if all(r["equal"] for r in rows):
+        outputs = "outputs equal to the plain model's, eager and compiled"
+    else:
+        diffs = (f"{r['mode']} " + ("equal" if r["equal"] else f"max diff {r['max_abs_diff']:.1e}") for r in rows)
+        outputs = "outputs against the plain model's: " + ", ".join(diffs)
+    compiled = next(r for r in rows if r["mode"] == "compiled")
+    return (
+        f"verdict: tiny Flux on {compute}, weights streamed from {tier}: {outputs}; {compiled['graph_breaks']} graph "
+        f"breaks with compile_repeated_blocks(fullgraph=True) (plain: {compiled['plain_graph_breaks']})"
+    )
 
 
 def bench(model: str = "flux-tiny", device: str | None = None, steps: int = 10) -> list[dict]:
@@ -110,8 +142,8 @@ def bench(model: str = "flux-tiny", device: str | None = None, steps: int = 10) 
         if compiled:
             plain.compile_repeated_blocks(fullgraph=True)
             wrapped.compile_repeated_blocks(fullgraph=True)
-        _step_ms(plain, inputs, 2, compute)  # warm up: compile, learn the order
-        _step_ms(wrapped, inputs, 2, compute)
+        _warm_up(plain, inputs)
+        _warm_up(wrapped, inputs)
         plain_ms, _ = _step_ms(plain, inputs, steps, compute)
         wrapped_ms, _ = _step_ms(wrapped, inputs, steps, compute)
         moved = offload_report(wrapped).streamed_per_step
@@ -137,6 +169,5 @@ def bench(model: str = "flux-tiny", device: str | None = None, steps: int = 10) 
     print(f"{'':10} {'plain ms/step':>14} {'wrapped ms/step':>16} {'moved per step':>15}")
     for row in rows:
         print(f"{row['mode']:10} {row['plain_ms']:>14.3f} {row['wrapped_ms']:>16.3f} {row['moved'] / 1024:>12.1f} KiB")
-    print(f"bandwidth: {bandwidth / 1e9:.2f} GB/s, {what} (tiny models move tiny groups: their step time is "
-          "dominated by per-op costs, not by the bus)")
+    print(f"bandwidth: {bandwidth / 1e9:.2f} GB/s, {what} ({TINY_MODELS})")
     return rows

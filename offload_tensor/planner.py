@@ -28,7 +28,7 @@ from torch import nn
 
 from offload_tensor import integrations
 from offload_tensor.payloads import kind_for, stored_bytes
-from offload_tensor.policy import Placement, Storage, Streaming, parse_bytes
+from offload_tensor.policy import Placement, Storage, Streaming, Tier, parse_bandwidth, parse_bytes
 
 
 def named_parameter_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
@@ -53,7 +53,7 @@ class Group:
     name: str  # the block's qualified name, or the module's whose own weights these are
     weights: tuple[str, ...]  # qualified names of its weights (first name of a tied weight)
     nbytes: int  # as stored (fp8: values and scales)
-    home: str  # where it lives: "ram" (a host arena, or the weights where they are) or "disk"
+    home: Tier  # where it lives: RAM (a host arena, or the weights where they are) or DISK
     resident: bool  # used where the model computes, without a fetch
     block: bool  # a repeated block
 
@@ -114,7 +114,7 @@ class Plan:
             return 0
         if self.placement.offload == "disk":
             return self.slot_bytes
-        return sum(g.nbytes for g in self.groups if g.home == "ram")
+        return sum(g.nbytes for g in self.groups if g.home == Tier.RAM)
 
     @property
     def host_bytes(self) -> int:
@@ -131,7 +131,7 @@ class Plan:
         largest = max((g.nbytes for g in self.groups), default=0)
         return (self.streaming.prefetch + 1) * largest + self.placement.reserve
 
-    def bytes_in(self, tier: str) -> int:
+    def bytes_in(self, tier: Tier | str) -> int:
         return sum(g.nbytes for g in self.groups if tier_of(g, self.device) == tier)
 
     def group_of(self) -> dict[str, int]:
@@ -144,10 +144,10 @@ class Plan:
         return self.table()
 
 
-def tier_of(group: Group, device: torch.device) -> str:
-    """Where compute reads a group from: "gpu" (resident on CUDA), "ram" or "disk"."""
+def tier_of(group: Group, device: torch.device) -> Tier:
+    """Where compute reads a group from: GPU (resident on CUDA), RAM or DISK."""
     if group.resident:
-        return "gpu" if device.type == "cuda" else "ram"
+        return Tier.GPU if device.type == "cuda" else Tier.RAM
     return group.home
 
 
@@ -182,12 +182,20 @@ def make_plan(
     weights = unique_weights(model)
     per_channel = storage.scale == "channel"
     size = {n: stored_bytes(w, kind_for(w, storage.dtype, per_channel)) for n, w in weights.items()}
-    home = placement.offload if placement.offload == "disk" else "ram"
-    where = placement.resident_tier  # "ram" computing on the CPU, "gpu" on CUDA
+    home = Tier.DISK if placement.offload == "disk" else Tier.RAM
+    where = placement.resident_tier  # RAM computing on the CPU, GPU on CUDA
     groups = [
         Group(name, tuple(names), sum(size[n] for n in names), home, False, block)
         for name, names, block in group_weights(model, weights, streaming.granularity)
     ]
+    moves = home != where or always_fetch  # else every weight is used where it lives: no engine, no slots
+    most = max(len(groups) - 1, 1)  # 1, the default, is always accepted
+    if moves and streaming.prefetch > most:  # the engine allocates prefetch + 1 slots, used or not
+        raise ValueError(
+            f"prefetch={streaming.prefetch} is more than {type(model).__name__}'s {len(groups)} groups can use: at "
+            f"most {len(groups) - 1} are fetched ahead of the one in use, and each one more adds a device slot the "
+            f"size of the largest group; use prefetch <= {most}."
+        )
     if placement.budget is not None:
         resident = choose_resident([g.nbytes for g in groups], placement.budget - placement.reserve, streaming.prefetch)
     else:
@@ -290,7 +298,7 @@ def plan(
     offload: str | os.PathLike = "cpu",
     disk_path: str | os.PathLike | None = None,
     reserve: int | str = 0,
-    storage_dtype: torch.dtype | None = None,
+    storage_dtype: torch.dtype | str | None = None,
     fp8_scale: str = "channel",
     prefetch: int = 1,
     pin_memory: bool = True,
@@ -321,7 +329,7 @@ def plan(
         plans = result.plans
     if ram is not None:
         check_ram(sum(p.host_bytes for p in plans), ram, where)
-    rate = parse_bytes(bandwidth, "bandwidth") if bandwidth is not None else measured_bandwidth(where)
+    rate = parse_bandwidth(bandwidth, "bandwidth") if bandwidth is not None else measured_bandwidth(where)
     return replace(result, bandwidth=rate)
 
 

@@ -8,6 +8,7 @@ an error before anything else happens.
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 from dataclasses import dataclass
@@ -17,34 +18,74 @@ import torch
 
 from offload_tensor.payloads import FLOAT8_DTYPES
 
+
+class Tier(str, enum.Enum):
+    """Where compute reads a weight from: resident on the GPU, from host RAM, or from disk. A str,
+    so `by_tier["gpu"]` and `tier == "ram"` hold, and printed as its value."""
+
+    GPU = "gpu"
+    RAM = "ram"
+    DISK = "disk"
+
+    __str__ = str.__str__
+
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 
 
 def parse_bytes(value: int | str, what: str) -> int:
     """`12GiB`, `500MB`, `1.5 GB`, or an int of bytes."""
-    if isinstance(value, bool):
-        raise ValueError(f"{what}={value!r} is not a size; use an int of bytes or a string such as '12GiB'.")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"{what}={value} is negative; use a size >= 0 (bytes, or a string such as '12GiB').")
+    size = None if isinstance(value, float) else _signed_size(value)
+    if size is None:
+        raise ValueError(f"{what}={value!r} is not a size; use an int of bytes or a string such as '12GiB' or '500MB'.")
+    if size < 0:
+        raise ValueError(f"{what}={value!r} is negative; use a size >= 0 (bytes, or a string such as '12GiB').")
+    return int(size)
+
+
+def parse_bandwidth(value: float | int | str, what: str) -> float:
+    """Bytes per second, > 0: a number, or a size moved per second (`25GB`)."""
+    rate = _signed_size(value)
+    if rate is None or not 0 < rate < float("inf"):
+        problem = "is negative" if rate is not None and rate < 0 else "is not a rate"
+        raise ValueError(f"{what}={value!r} {problem}; use bytes per second > 0 (a number, or a string such as "
+                         "'25GB').")  # fmt: skip
+    return float(rate)
+
+
+def _signed_size(value) -> float | None:
+    """A size as written, sign included, or None when it is not one."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
     if isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-        if match and match.group(2).lower() in _UNITS:
-            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    raise ValueError(f"{what}={value!r} is not a size; use an int of bytes or a string such as '12GiB' or '500MB'.")
+        match = re.fullmatch(r"\s*(-?)\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if match and match.group(3).lower() in _UNITS:
+            return float(match.group(1) + match.group(2)) * _UNITS[match.group(3).lower()]
+    return None
+
+
+_FLOAT8_BY_NAME = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT8_DTYPES}  # "float8_e4m3fn": ...
 
 
 @dataclass(frozen=True)
 class Storage:
     """How weights are stored: as they are, or matrices and conv kernels in fp8 with a float32
-    scale per output channel (`scale="channel"`) or per weight (`"tensor"`)."""
+    scale per output channel (`scale="channel"`) or per weight (`"tensor"`). `dtype` may be given
+    by name, as configs carry it ("float8_e4m3fn", "torch.float8_e5m2"); it is kept as the dtype."""
 
     dtype: torch.dtype | None = None
     scale: str = "channel"
 
     def __post_init__(self) -> None:
+        if isinstance(self.dtype, str):
+            named = _FLOAT8_BY_NAME.get(self.dtype.strip().removeprefix("torch."))
+            if named is None:
+                raise ValueError(
+                    f"storage_dtype={self.dtype!r} is not supported; use 'float8_e4m3fn' or 'float8_e5m2' (or "
+                    "torch.float8_e4m3fn, torch.float8_e5m2), or None to keep the weights' own dtype."
+                )
+            object.__setattr__(self, "dtype", named)
         if self.dtype is not None and self.dtype not in FLOAT8_DTYPES:
             raise ValueError(
                 f"storage_dtype={self.dtype} is not supported; use torch.float8_e4m3fn, torch.float8_e5m2 "
@@ -86,8 +127,8 @@ class Placement:
     reserve: int = 0
 
     @property
-    def resident_tier(self) -> str:
-        return "device" if self.device.type == "cuda" else "ram"
+    def resident_tier(self) -> Tier:
+        return Tier.GPU if self.device.type == "cuda" else Tier.RAM
 
 
 def placement(device, offload, disk_path, budget=None, reserve=0, check_device: bool = True,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from offload_tensor.planner import format_bytes
+from offload_tensor.policy import Tier
 from offload_tensor.tensor import OffloadedTensor
 from offload_tensor.wrap import offload_state
 
@@ -14,38 +15,48 @@ from offload_tensor.wrap import offload_state
 class OffloadReport:
     """Bytes of a wrapped model's weights and buffers.
 
-    `by_tier`: weight bytes where they live: "gpu", "ram" or "disk".
+    `by_tier`: weight bytes where compute reads them from, by `Tier` ("gpu", "ram", "disk"), the
+    plan's names (`Plan.bytes_in`).
     `by_kind`: weight bytes per payload kind ("plain", "fp8", "torchao", ...), buffers under
     "buffer", weights added after wrapping (adapters) under "unwrapped".
     `resident_bytes`: used where the model computes (no fetch), buffers included;
-    `offloaded_bytes`: fetched to the compute device on use.
+    `offloaded_bytes`: fetched to the compute device on use; `offloaded_by_tier`: the same bytes by
+    the tier they stream from.
     `pinned_bytes`: page-locked host memory the engine holds.
     `streamed_per_step`: bytes one forward moves (each streamed group once).
     `by_device`: bytes held on each device (disk-tier payloads under "disk").
     """
 
     compute_device: str
-    by_tier: dict[str, int]
+    by_tier: dict[Tier, int]
     by_kind: dict[str, int]
     resident_bytes: int
     offloaded_bytes: int
     pinned_bytes: int
     streamed_per_step: int
     by_device: dict[str, int]
+    offloaded_by_tier: dict[Tier, int] = field(default_factory=dict)
 
     @property
     def summary(self) -> str:
-        state = "partially" if self.offloaded_bytes else "completely"
-        tiers = ", ".join(f"{t} {format_bytes(b)}" for t, b in sorted(self.by_tier.items()) if b)
-        return (
-            f"loaded {state}: {format_bytes(self.resident_bytes)} resident on {self.compute_device}, "
-            f"{format_bytes(self.offloaded_bytes)} offloaded" + (f" (weights: {tiers})" if tiers else "")
-        )
+        """What stays where the model computes and what streams from where, e.g. "3.0 GiB resident
+        on cuda:0, 20.8 GiB stream from ram" or "all 1.2 MiB of weights stream from disk to cpu"."""
+        device = self.compute_device
+        if not self.offloaded_bytes:
+            return f"all {format_bytes(self.resident_bytes)} resident on {device}; nothing streams"
+        sources = [(t, b) for t, b in sorted(self.offloaded_by_tier.items()) if b]
+        where = " and ".join(f"{t}" if len(sources) == 1 else f"{t} ({format_bytes(b)})" for t, b in sources)
+        weights = sum(self.by_tier.values())
+        if self.offloaded_bytes == weights:
+            return f"all {format_bytes(weights)} of weights stream from {where} to {device}"
+        resident, offloaded = format_bytes(self.resident_bytes), format_bytes(self.offloaded_bytes)
+        return f"{resident} resident on {device}, {offloaded} stream from {where}"
 
     def __str__(self) -> str:
+        tiers = ", ".join(f"{t} {format_bytes(b)}" for t, b in sorted(self.by_tier.items()) if b)
         devices = ", ".join(f"{d} {format_bytes(b)}" for d, b in sorted(self.by_device.items()))
         kinds = ", ".join(f"{k} {format_bytes(b)}" for k, b in sorted(self.by_kind.items()))
-        lines = [self.summary, f"  by device: {devices}", f"  by kind: {kinds}"]
+        lines = [self.summary, f"  weights by tier: {tiers}", f"  by device: {devices}", f"  by kind: {kinds}"]
         if self.offloaded_bytes:
             lines.append(
                 f"  streamed per step: {format_bytes(self.streamed_per_step)}, pinned host memory: "
@@ -87,6 +98,7 @@ def _total(reports: list[OffloadReport]) -> OffloadReport:
         pinned_bytes=sum(r.pinned_bytes for r in reports),
         streamed_per_step=sum(r.streamed_per_step for r in reports),
         by_device=add("by_device"),
+        offloaded_by_tier=add("offloaded_by_tier"),
     )
 
 
@@ -96,7 +108,7 @@ def offload_report(model):
 
     Example:
         >>> print(offload_report(wrap_model_for_offload(model)).summary)
-        loaded partially: 12.0 KiB resident on cuda:0, 45.8 MiB offloaded (weights: ram 45.8 MiB)
+        all 45.8 MiB of weights stream from ram to cuda:0
     """
     from offload_tensor import integrations
     from offload_tensor.wrap import is_wrapped
@@ -112,9 +124,10 @@ def offload_report(model):
     state = offload_state(model, "offload_report")
     compute = str(state.compute_device)
     resident_tier = state.plan.placement.resident_tier
-    by_tier: Counter[str] = Counter()
+    by_tier: Counter[Tier] = Counter()
     by_kind: Counter[str] = Counter()
     by_device: Counter[str] = Counter()
+    offloaded_by_tier: Counter[Tier] = Counter()
     offloaded = resident = 0
     for param in model.parameters():  # unique, so tied weights count once
         if isinstance(param, OffloadedTensor):
@@ -125,6 +138,7 @@ def offload_report(model):
             by_device["disk" if tier == "disk" else str(param._inner[0].device)] += nbytes
             if param._key is not None:
                 offloaded += nbytes
+                offloaded_by_tier[tier] += nbytes
             else:
                 resident += nbytes
         else:
@@ -147,4 +161,5 @@ def offload_report(model):
         pinned_bytes=getattr(backend, "pinned_bytes", 0),
         streamed_per_step=state.plan.streamed_bytes,
         by_device=dict(by_device),
+        offloaded_by_tier=dict(offloaded_by_tier),
     )

@@ -107,6 +107,7 @@ def test_budget_on_a_loaded_checkpoint_and_wan(tmp_path):
 BAD = [
     (dict(budget="12 gigs"), "not a size"),
     (dict(budget=-5), "negative"),
+    (dict(budget="-5GiB"), "budget='-5GiB' is negative"),
     (dict(budget=10), "below the minimum for FluxTransformer2DModel: .* \\(2 streaming slots"),
     (dict(max_memory={"cuda:1": "1GiB"}), "not the compute device"),
     (dict(max_memory="1GiB"), "must be a dict"),

@@ -83,3 +83,42 @@ def test_plan_for_the_disk_tier_needs_no_folder():
     done = cli("plan", "--model", "flux-dev", "--offload", "disk", "--budget", "12GiB", "--bandwidth", "2GB")
     assert done.returncode == 0, done.stderr
     assert "weights live on disk" in done.stdout and "from disk" in done.stdout
+
+
+def test_plan_of_a_pipeline_index_says_to_pass_a_components_config(tmp_path):
+    """model_index.json sits at the top of a pipeline's folder: a natural thing to pass, and a clear error."""
+    import json
+
+    from test_catalog import FLUX_INDEX
+
+    (tmp_path / "model_index.json").write_text(json.dumps(FLUX_INDEX))
+    done = cli("plan", "--config", str(tmp_path / "model_index.json"), timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "model_index.json of a pipeline (FluxPipeline)" in done.stderr
+    assert f"pass one component's config.json, e.g. {tmp_path / 'transformer' / 'config.json'}" in done.stderr
+
+
+SETTINGS = {  # the same message however a negative size is written
+    "--budget -5GiB": (["--budget", "-5GiB"], "--budget='-5GiB' is negative"),
+    "--budget=-5GiB": (["--budget=-5GiB"], "--budget='-5GiB' is negative"),
+    "--ram -1GB": (["--ram", "-1GB"], "--ram='-1GB' is negative"),
+    "--bandwidth -3GB": (["--bandwidth", "-3GB"], "--bandwidth='-3GB' is negative; use bytes per second > 0"),
+    "--bandwidth -.5": (["--bandwidth", "-.5"], "--bandwidth='-.5' is negative"),
+    "--budget -x": (["--budget", "-x"], "--budget='-x' is not a size"),
+    "--bandwidth 0": (["--bandwidth", "0"], "--bandwidth='0' is not a rate; use bytes per second > 0"),
+    "--prefetch 1000000": (["--prefetch", "1000000"], "prefetch=1000000 is more than FluxTransformer2DModel's 67"),
+    "--prefetch -1": (["--prefetch", "-1"], "prefetch=-1 must be an int >= 0"),
+}
+
+
+@pytest.mark.parametrize("args, message", list(SETTINGS.values()), ids=list(SETTINGS))
+def test_plan_settings_out_of_range_say_what_is_wrong(args, message, capsys, monkeypatch):
+    """In this process (each error comes before a model is built, or from its plan): exit status
+    2 and the message plan() gives."""
+    from offload_tensor import cli as command
+
+    monkeypatch.setattr(command, "_quiet", lambda: None)  # it sets this process's warning filters and loggers
+    with pytest.raises(SystemExit) as exit:
+        command.main(["plan", "--model", "flux-dev", *args])
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err

@@ -16,7 +16,7 @@ from torch import nn
 import compile_rules
 from conftest import sqnr_db
 from models import CASES, output
-from offload_tensor import OffloadedTensor, offload_report, wrap_model_for_offload
+from offload_tensor import OffloadedTensor, offload_report, plan, wrap_model_for_offload
 
 FORMAT_SQNR_DB = {torch.float8_e4m3fn: 28.9, torch.float8_e5m2: 22.8}
 FLUX = CASES[0]
@@ -79,3 +79,15 @@ def test_rewrapping_is_refused_and_changes_nothing():
     with pytest.raises(ValueError, match="already wrapped"):
         wrap_model_for_offload(model, storage_dtype=torch.float8_e4m3fn)
     assert all(p is before[n] and isinstance(p, OffloadedTensor) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("name", ["float8_e4m3fn", "torch.float8_e4m3fn", "float8_e5m2"])
+def test_storage_dtype_by_name_is_the_dtype(name):
+    """Configs carry dtypes as strings: a dtype's name means that dtype, in wrap and in plan."""
+    dtype = getattr(torch, name.removeprefix("torch."))
+    by_name = wrap_model_for_offload(FLUX.make(), storage_dtype=name)
+    by_dtype = wrap_model_for_offload(FLUX.make(), storage_dtype=dtype)
+    assert by_name.__dict__["_offload_state"].plan.storage.dtype is dtype
+    with torch.no_grad():
+        assert torch.equal(output(by_name(**FLUX.inputs(0))), output(by_dtype(**FLUX.inputs(0))))
+    assert plan(FLUX.make(), storage_dtype=name).table() == plan(FLUX.make(), storage_dtype=dtype).table()

@@ -9,6 +9,7 @@ from offload_tensor import (
     RefusedOpError,
     is_wrapped,
     offload_report,
+    plan,
     unwrap_pipeline,
     wrap_model_for_offload,
     wrap_pipeline_for_offload,
@@ -97,6 +98,18 @@ def test_bad_pipeline_arguments_change_nothing(tmp_path):
     assert not any(is_wrapped(c) for c in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2))
     with pytest.raises(ValueError, match="no component .* is wrapped"):
         offload_report(pipe)
+
+
+def test_storage_dtype_by_name_reaches_every_component():
+    """A dtype's name (as configs carry it) in plan(pipe) and wrap_pipeline_for_offload."""
+    make, _ = FAMILIES["flux"]
+    pipe = make()
+    assert plan(pipe, storage_dtype="float8_e4m3fn").table() == plan(pipe, storage_dtype=torch.float8_e4m3fn).table()
+    wrap_pipeline_for_offload(pipe, storage_dtype="float8_e4m3fn")
+    for component in (pipe.transformer, pipe.text_encoder):
+        matrices = [p for p in component.parameters() if p.ndim == 2]
+        assert matrices and all(p.qdata.dtype == torch.float8_e4m3fn for p in matrices)
+    unwrap_pipeline(pipe)
 
 
 def test_a_failure_midway_unwraps_what_was_wrapped(monkeypatch, expected):

@@ -79,3 +79,26 @@ def test_plan_for_the_disk_tier_needs_no_folder(budget, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file; pass a folder"):  # a folder given is still checked
         plan(FLUX.make(), device="cpu", offload="disk", disk_path=tmp_path / "file")
+
+
+BAD_PLANS = {
+    "bandwidth 0": ({"bandwidth": 0}, "bandwidth=0 is not a rate; use bytes per second > 0"),
+    "bandwidth negative": ({"bandwidth": -1.5e9}, "bandwidth=-1500000000.0 is negative; use bytes per second > 0"),
+    "bandwidth negative string": ({"bandwidth": "-3GB"}, "bandwidth='-3GB' is negative"),
+    "budget negative string": ({"budget": "-5GiB"}, "budget='-5GiB' is negative"),
+    "ram negative string": ({"ram": "-1GB"}, "ram='-1GB' is negative"),
+    "prefetch past the groups": ({"prefetch": 10**6}, "prefetch=1000000 is more than FluxTransformer2DModel's 67"),
+}
+
+
+@pytest.mark.parametrize("kwargs, message", list(BAD_PLANS.values()), ids=list(BAD_PLANS))
+def test_plan_refuses_what_wrap_refuses(kwargs, message):
+    """plan() checks its settings as wrap_model_for_offload does (the command line calls it)."""
+    with pytest.raises(ValueError, match=message):
+        plan(meta_model("flux-dev"), **kwargs)
+
+
+def test_plan_takes_a_bandwidth_as_a_number_or_a_size():
+    model = meta_model("flux-dev")
+    assert plan(model, bandwidth=25e9).table() == plan(model, bandwidth="25GB").table()
+    assert plan(model, prefetch=66).minimum_budget == 67 * max(g.nbytes for g in plan(model).groups)

@@ -98,7 +98,7 @@ def test_report_counts_every_payload_byte_once():
     report = offload_report(wrap_model_for_offload(model))
     assert report.by_kind["plain"] == weight_bytes
     assert report.resident_bytes == weight_bytes + buffer_bytes and report.offloaded_bytes == 0
-    assert report.summary.startswith("loaded completely:") and "KiB resident on cpu" in str(report)
+    assert report.summary.startswith("all ") and report.summary.endswith("KiB resident on cpu; nothing streams")
 
 
 def test_no_cuda_says_so_once(caplog):
@@ -117,6 +117,8 @@ def test_no_cuda_says_so_once(caplog):
 # -- bad input: refused before anything changes --------------------------------------------
 BAD_ARGUMENTS = [
     (dict(storage_dtype=torch.int8), ValueError, "storage_dtype"),
+    (dict(storage_dtype="bfloat16"), ValueError, "storage_dtype='bfloat16' is not supported; use 'float8_e4m3fn'"),
+    (dict(storage_dtype="fp8"), ValueError, "storage_dtype='fp8' is not supported; use 'float8_e4m3fn'"),
     (dict(fp8_scale="row"), ValueError, "fp8_scale"),
     (dict(prefetch=-1), ValueError, "prefetch"),
     (dict(prefetch=1.5), ValueError, "prefetch"),
@@ -136,6 +138,17 @@ def test_bad_arguments_are_refused_before_any_change(kwargs, error, match):
     with pytest.raises(error, match=match):
         wrap_model_for_offload(model, **kwargs)
     _assert_unchanged(model, snapshot)
+
+
+def test_prefetch_beyond_the_groups_is_refused_where_weights_move(tmp_path):
+    """The engine allocates prefetch + 1 slots: where weights move (here from disk) a prefetch more
+    than the model's groups can use is refused; computing on the CPU from RAM nothing moves."""
+    model = FLUX.make()
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="prefetch=1000 is more than FluxTransformer2DModel's [0-9]+ groups can use"):
+        wrap_model_for_offload(model, offload="disk", disk_path=tmp_path, prefetch=1000)
+    _assert_unchanged(model, snapshot)
+    wrap_model_for_offload(model, prefetch=1000)
 
 
 def test_cuda_requested_without_cuda():

@@ -15,6 +15,7 @@ from torch import nn
 import compile_rules
 from models import engine_for
 from offload_tensor import unwrap_model, wrap_model_for_offload
+from offload_tensor.planner import group_weights, unique_weights
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 PAYLOADS = ["plain", "fp8-e4m3-channel", "fp8-e5m2-tensor", "int8wo"]
@@ -139,6 +140,8 @@ def build(case):
     else:
         reference = copy.deepcopy(model)
     engine = engine_for(engine)
+    groups = len(group_weights(model, unique_weights(model), granularity))
+    prefetch = min(prefetch, max(groups - 1, 1))  # more is refused: slots no group would fill
     wrapped = wrap_model_for_offload(
         model, engine=engine, storage_dtype=storage_dtype, fp8_scale=fp8_scale, prefetch=prefetch, granularity=granularity
     )
