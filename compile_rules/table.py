@@ -47,6 +47,7 @@ log = logging.getLogger("compile_rules")
 Handler = Callable[[Any, tuple, dict], Any]
 TORCH_FUNCTION_RULES: dict[Callable, Handler] = {}
 ATEN_RULES: dict[torch._ops.OpOverloadPacket, Handler] = {}
+_RESOLVED: dict[torch._ops.OpOverload, Handler] = {}  # aten_rule's answers, cleared when a row is added
 
 
 class RefusedOpError(RuntimeError):
@@ -105,6 +106,7 @@ def implements(*ops: torch._ops.OpOverloadPacket) -> Callable[[Handler], Handler
     def register(handler: Handler) -> Handler:
         for op in ops:
             ATEN_RULES[op] = handler
+        _RESOLVED.clear()  # a row added after lookups began replaces what they resolved
         return handler
 
     return register
@@ -135,7 +137,7 @@ def implements_torch_function(*funcs: Callable) -> Callable[[Handler], Handler]:
 def materialize(func, args: tuple, kwargs: dict):
     # The eager hot path (F.linear & co. on every weight, every step): one pass over the
     # arguments, no pytree, no logging, and no call at all for a zero-copy weight.
-    if _is_jit_tracing():
+    if is_jit_tracing():
         refuse_jit_trace()
     after = None
     pending = False
@@ -178,7 +180,9 @@ def embedding(func, args: tuple, kwargs: dict):
     if not isinstance(bound["weight"], Offloaded):
         return materialize(func, args, kwargs)
     with torch.no_grad():
-        torch.embedding_renorm_(bound["weight"], bound["input"].contiguous(), bound["max_norm"], bound.get("norm_type", 2.0))
+        torch.embedding_renorm_(
+            bound["weight"], bound["input"].contiguous(), bound["max_norm"], bound.get("norm_type", 2.0)
+        )
     args = tuple(None if i == 3 else a for i, a in enumerate(args))
     return materialize(func, args, {k: None if k == "max_norm" else v for k, v in kwargs.items()})
 
@@ -200,7 +204,7 @@ def _fetched(a, after):
     return a
 
 
-_is_jit_tracing = torch._C._is_tracing
+is_jit_tracing = getattr(torch._C, "_is_tracing", None) or torch.jit.is_tracing  # the fast one where it exists
 
 
 def refuse_jit_trace() -> None:
@@ -389,7 +393,9 @@ def write_in_place(func, args: tuple, kwargs: dict):
             )
     targets = {id(w): (where, w) for where, w in written}
     if len(targets) > 1:
-        raise RefusedOpError(f"{_op_name(func)} writes two offloaded weights at once; offload_tensor writes one at a time.")
+        raise RefusedOpError(
+            f"{_op_name(func)} writes two offloaded weights at once; offload_tensor writes one at a time."
+        )
     (where, weight), = targets.values()
     args, kwargs = list(args), dict(kwargs)
     returned = []
@@ -461,6 +467,12 @@ def set_data(func, args: tuple, kwargs: dict):
         _refuse_if_tracing(func, dst)
         dst.write(value)  # the same encoding is copied bit for bit; the weight itself is a no-op
         return None
+    if isinstance(value, torch.Tensor) and value.dtype != dst.dtype:
+        raise RefusedOpError(
+            f"setting .data of the offloaded weight {dst!r} to a {value.dtype} tensor would change its dtype after "
+            "wrapping; its payload is encoded for the dtype it was wrapped with. Call unwrap_model(model), convert, "
+            "and wrap again (or load a checkpoint with torch_dtype=)."
+        )
     raise RefusedOpError(
         f"setting .data of the offloaded weight {dst!r} would replace its payload behind offload_tensor's back; "
         "write a value with w.copy_(value) (load_state_dict does), or call unwrap_model first. If an offloading "
@@ -540,10 +552,16 @@ def _op_name(func) -> str:
 _WRITERS = (copy_into, write_in_place, refuse)  # the handlers that know what to do with a write
 
 
-@functools.cache
 def aten_rule(op: torch._ops.OpOverload) -> Handler:
     """The handler for an aten overload: its packet's row, or the default (see the module doc).
     A row that reads (`aten.add`) does not cover its `out=` overload (`aten.add.out`), a write."""
+    handler = _RESOLVED.get(op)
+    if handler is None:
+        handler = _RESOLVED[op] = _resolve(op)
+    return handler
+
+
+def _resolve(op: torch._ops.OpOverload) -> Handler:
     handler = ATEN_RULES.get(op.overloadpacket)
     if handler is not None and (handler in _WRITERS or not written_arguments(op)):
         return handler

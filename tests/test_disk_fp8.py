@@ -2,16 +2,15 @@
 and scales): the fetch op returns a weight's inner tensors as one list, which must not alias each
 other, so the disk backend must not hand them over as views of one read buffer."""
 
-import copy
 
 import pytest
 import torch
+from models import CASES, output
 from torch import nn
 
-from models import CASES, output
 from offload_tensor import wrap_model_for_offload
 from offload_tensor.engine.disk import _BufferPool
-from offload_tensor.engine.host_store import Placement
+from offload_tensor.engine.host_store import Region
 
 FP8 = torch.float8_e4m3fn
 FLUX = CASES[0]
@@ -19,7 +18,9 @@ FLUX = CASES[0]
 
 def linears():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Sequential(nn.Linear(64, 64), nn.GELU()), nn.Linear(64, 8)).eval()
+    return nn.Sequential(
+        nn.Linear(32, 64), nn.ReLU(), nn.Sequential(nn.Linear(64, 64), nn.GELU()), nn.Linear(64, 8)
+    ).eval()
 
 
 @pytest.mark.parametrize("granularity", ["block", "leaf"])
@@ -53,8 +54,8 @@ def test_only_the_largest_inner_tensor_views_the_read_buffer_and_the_buffer_is_r
 
     pool = _BufferPool(keep_bytes=4096)
     buffer = pool.take(4096)
-    data = Placement(0, torch.Size([16, 16]), (16, 1), torch.uint8)
-    scale = Placement(256, torch.Size([16]), (1,), torch.float32)
+    data = Region(0, torch.Size([16, 16]), (16, 1), torch.uint8)
+    scale = Region(256, torch.Size([16]), (1,), torch.float32)
     tensors = _unaliased([data, scale], buffer)
     storage = buffer.untyped_storage().data_ptr()
     del buffer  # as in DiskBackend._load: only the handed-over tensors hold the buffer now

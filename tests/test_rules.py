@@ -40,7 +40,10 @@ def r(*shape):
 TF_SAMPLES = {
     F.linear: ([r(3, 4), r(3)], lambda w, b: F.linear(r(2, 4), w, b)),
     F.bilinear: ([r(3, 4, 5), r(3)], lambda w, b: F.bilinear(r(2, 4), r(2, 5), w, b)),
-    F.embedding: ([r(10, 4)], lambda w: F.embedding(torch.tensor([[1, 7, 3]]), w, max_norm=1.0)),  # renorms rows in place
+    F.embedding: (
+        [r(10, 4)],
+        lambda w: F.embedding(torch.tensor([[1, 7, 3]]), w, max_norm=1.0),
+    ),  # renorms rows in place
     F.conv1d: ([r(3, 2, 3), r(3)], lambda w, b: F.conv1d(r(1, 2, 8), w, b)),
     F.conv2d: ([r(3, 2, 3, 3), r(3)], lambda w, b: F.conv2d(r(1, 2, 6, 6), w, b, padding=1)),
     F.conv3d: ([r(3, 2, 3, 3, 3)], lambda w: F.conv3d(r(1, 2, 4, 4, 4), w)),
@@ -57,10 +60,22 @@ TF_SAMPLES = {
     torch.Tensor.numpy: ([r(3, 4)], lambda w: w.numpy()),
     torch.Tensor.__array__: ([r(3, 4)], lambda w: np.asarray(w)),
     # nn.RNN/GRU/LSTM call these with their weights as one list: (w_ih, w_hh, b_ih, b_hh)
-    torch._VF.lstm: ([r(8, 3), r(8, 2), r(8), r(8)], lambda *w: torch._VF.lstm(r(4, 1, 3), (r(1, 1, 2), r(1, 1, 2)), list(w), True, 1, 0.0, False, False, False)[0]),
-    torch._VF.gru: ([r(6, 3), r(6, 2), r(6), r(6)], lambda *w: torch._VF.gru(r(4, 1, 3), r(1, 1, 2), list(w), True, 1, 0.0, False, False, False)[0]),
-    torch._VF.rnn_tanh: ([r(2, 3), r(2, 2), r(2), r(2)], lambda *w: torch._VF.rnn_tanh(r(4, 1, 3), r(1, 1, 2), list(w), True, 1, 0.0, False, False, False)[0]),
-    torch._VF.rnn_relu: ([r(2, 3), r(2, 2), r(2), r(2)], lambda *w: torch._VF.rnn_relu(r(4, 1, 3), r(1, 1, 2), list(w), True, 1, 0.0, False, False, False)[0]),
+    torch._VF.lstm: (
+        [r(8, 3), r(8, 2), r(8), r(8)],
+        lambda *w: torch._VF.lstm(r(4, 1, 3), (r(1, 1, 2), r(1, 1, 2)), list(w), True, 1, 0.0, False, False, False)[0],
+    ),
+    torch._VF.gru: (
+        [r(6, 3), r(6, 2), r(6), r(6)],
+        lambda *w: torch._VF.gru(r(4, 1, 3), r(1, 1, 2), list(w), True, 1, 0.0, False, False, False)[0],
+    ),
+    torch._VF.rnn_tanh: (
+        [r(2, 3), r(2, 2), r(2), r(2)],
+        lambda *w: torch._VF.rnn_tanh(r(4, 1, 3), r(1, 1, 2), list(w), True, 1, 0.0, False, False, False)[0],
+    ),
+    torch._VF.rnn_relu: (
+        [r(2, 3), r(2, 2), r(2), r(2)],
+        lambda *w: torch._VF.rnn_relu(r(4, 1, 3), r(1, 1, 2), list(w), True, 1, 0.0, False, False, False)[0],
+    ),
     torch.Tensor.data.__set__: ([r(3, 3)], lambda w: (setattr(w, "data", like(w, torch.full((3, 3), 2.0))), w)[1]),
     torch.Tensor.__setitem__: ([r(3, 3)], lambda w: (w.__setitem__(slice(1, 3), torch.full((2, 3), 5.0)), w)[1]),
     torch.Tensor.requires_grad_: ([r(3)], lambda w: w.requires_grad_(True)),
@@ -252,12 +267,31 @@ def test_read_row_does_not_cover_its_out_overload():
 
 
 def test_op_without_a_row_materializes_and_logs_once(caplog):
-    rules.aten_rule.cache_clear()
+    rules._RESOLVED.clear()
     w = off(r(3, 3))
     with caplog.at_level(logging.DEBUG, logger="compile_rules"):
         assert torch.equal(torch.sin(w), torch.sin(w.materialize()))
         assert torch.equal(torch.sin(w), torch.sin(w.materialize()))
     assert sum("aten.sin.default has no row" in m for m in caplog.messages) == 1
+
+
+def test_a_row_added_after_lookups_began_is_used():
+    """Lookups are remembered per overload; a row registered later with the public `implements`
+    must still win (it was silently ignored behind the cached default)."""
+    w = off(r(3, 3))
+    torch.sin(w)  # resolves aten.sin.default to the default row
+    calls = []
+
+    @rules.implements(aten.sin)
+    def counted(func, args, kwargs):
+        calls.append(func)
+        return rules._materialize_all(func, args, kwargs)
+
+    try:
+        assert torch.equal(torch.sin(w), torch.sin(w.materialize())) and calls == [aten.sin.default]
+    finally:
+        del rules.ATEN_RULES[aten.sin]
+        rules._RESOLVED.clear()
 
 
 def test_in_place_op_without_a_row_lands_on_a_plain_payload():

@@ -26,11 +26,12 @@ from collections.abc import Hashable, Sequence
 import torch
 
 from offload_tensor.engine.host_store import Arena
+from offload_tensor.engine.scheduler import Backend
 
 log = logging.getLogger("offload_tensor")
 
 
-class CudaBackend:
+class CudaBackend(Backend):
     def __init__(self, device: torch.device, pin_memory: bool = True) -> None:
         self.device = device
         self.pin_memory = pin_memory
@@ -47,7 +48,7 @@ class CudaBackend:
         return sum(t.numel() for t in self.pinned)
 
     def prepare(self, arenas: Sequence[Arena], keys: Sequence[Sequence[Hashable]], slots: int) -> None:
-        """`arenas`: host arenas, or any groups with `nbytes` and `placements` whose bytes arrive
+        """`arenas`: host arenas, or any groups with `nbytes` and `regions` whose bytes arrive
         through `copy_from` (the disk tier's staging buffers)."""
         self.arenas = list(arenas)
         self.key_index = {key: (g, i) for g, group_keys in enumerate(keys) for i, key in enumerate(group_keys)}
@@ -112,7 +113,7 @@ class CudaBackend:
     def read(self, group: int, slot: int, key: Hashable) -> list[torch.Tensor]:
         g, i = self.key_index[key]
         self.readers[slot].add(torch.cuda.current_stream(self.device))
-        return [p.view(self.slot_buffers[slot]).clone() for p in self.arenas[g].placements[i]]
+        return [p.view(self.slot_buffers[slot]).clone() for p in self.arenas[g].regions[i]]
 
     def release(self, slot: int) -> list[torch.cuda.Event]:
         events = []

@@ -45,18 +45,19 @@ import xxhash
 
 from compile_rules.table import RefusedOpError
 from offload_tensor.checkpoint import CHECKSUM, CheckpointError, byte_view, read_exactly, read_header, write_atomically
-from offload_tensor.engine.host_store import Placement, aligned_empty, contiguous_stride, give_back_freed_memory
+from offload_tensor.engine.host_store import Region, aligned_empty, contiguous_stride, give_back_freed_memory
+from offload_tensor.engine.scheduler import Backend, StreamRaceError
 
 
 @dataclass
 class DiskGroup:
-    """One group's payload on disk: `nbytes` bytes at `offset` of `path`; `placements[i][j]` is
+    """One group's payload on disk: `nbytes` bytes at `offset` of `path`; `regions[i][j]` is
     tensor j of weight i, relative to `offset`."""
 
     path: Path
     offset: int
     nbytes: int
-    placements: list[list[Placement]]
+    regions: list[list[Region]]
     shared: bool = False  # a cache of a checkpoint: other wraps (and processes) read the same file
     checksum: str | None = None  # of the group's bytes, written with the file (see `check`)
     verified: bool = True  # the bytes were checked against the checksum in this process, or need no check
@@ -68,10 +69,12 @@ class DiskGroup:
         be read-only): a write first moves the group to a private copy, mapped writable in its place."""
         if self._map is None:
             with open(self.path, "rb" if self.shared else "r+b") as f:
-                self._map = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ if self.shared else mmap.PROT_READ | mmap.PROT_WRITE)
+                self._map = mmap.mmap(
+                    f.fileno(), 0, prot=mmap.PROT_READ if self.shared else mmap.PROT_READ | mmap.PROT_WRITE
+                )
         flat = _frombuffer(self._map)
         _MAPPED[flat.data_ptr()] = self
-        return [tuple(p.view(flat[self.offset : self.offset + self.nbytes]) for p in weight) for weight in self.placements]
+        return [tuple(p.view(flat[self.offset : self.offset + self.nbytes]) for p in weight) for weight in self.regions]
 
     def check(self, data: torch.Tensor) -> None:
         """Check the group's bytes, just read into `data` (a uint8 tensor), against the checksum
@@ -114,12 +117,12 @@ class DiskGroup:
         self.make_private()
         fd = os.open(self.path, os.O_WRONLY)
         try:
-            for placement, value in zip(self.placements[index], values):
-                flat = torch.empty(placement.nbytes // placement.dtype.itemsize, dtype=placement.dtype)
-                flat.as_strided(placement.shape, placement.stride).copy_(value)  # in the file's layout
+            for region, value in zip(self.regions[index], values):
+                flat = torch.empty(region.nbytes // region.dtype.itemsize, dtype=region.dtype)
+                flat.as_strided(region.shape, region.stride).copy_(value)  # in the file's layout
                 raw, written = byte_view(flat), 0
                 while written < len(raw):
-                    written += os.pwrite(fd, raw[written:], self.offset + placement.offset + written)
+                    written += os.pwrite(fd, raw[written:], self.offset + region.offset + written)
         finally:
             os.close(fd)
 
@@ -284,7 +287,9 @@ def _remap_in_place(mapped: mmap.mmap, path: Path) -> None:
     address = _frombuffer(mapped).data_ptr()
     fd = os.open(path, os.O_RDWR)
     try:
-        got = libc.mmap(address, len(mapped), mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | 0x10, fd, 0)  # 0x10: MAP_FIXED
+        got = libc.mmap(
+            address, len(mapped), mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | 0x10, fd, 0
+        )  # 0x10: MAP_FIXED
         if got != address:
             raise OSError(ctypes.get_errno(), f"could not map {path} in place of the shared file")
     finally:
@@ -292,7 +297,7 @@ def _remap_in_place(mapped: mmap.mmap, path: Path) -> None:
 
 
 def read_exactly_into(group: DiskGroup, arena: torch.Tensor) -> None:
-    """Copy a group's bytes from its file into `arena` (laid out as the group's placements)."""
+    """Copy a group's bytes from its file into `arena` (laid out as the group's regions)."""
     fd = os.open(group.path, os.O_RDONLY)
     try:
         read_exactly(fd, memoryview(arena[: group.nbytes].numpy()), group.offset, str(group.path))
@@ -313,8 +318,15 @@ def group_file(folder: Path, group_name: str, layout: str) -> Path:
     return folder / f"{safe}-{layout}.safetensors"
 
 
-def write_group(path: Path, names: Sequence[str], inner_names: Sequence[Sequence[str]],
-                payloads: Sequence[Sequence[torch.Tensor]], metadata: dict[str, str], *, shared: bool) -> DiskGroup:  # fmt: skip
+def write_group(
+    path: Path,
+    names: Sequence[str],
+    inner_names: Sequence[Sequence[str]],
+    payloads: Sequence[Sequence[torch.Tensor]],
+    metadata: dict[str, str],
+    *,
+    shared: bool,
+) -> DiskGroup:
     """Write a group's file. `shared`: a cache of a checkpoint, at its reusable name, with the
     checksum of its bytes; else a file of this wrap alone, at a name no other wrap uses, deleted
     when the group is collected."""
@@ -335,6 +347,16 @@ def write_group(path: Path, names: Sequence[str], inner_names: Sequence[Sequence
     return group
 
 
+def write_private(folder: Path, group_name: str, names: Sequence[str], inner_names: Sequence[Sequence[str]],
+                  payloads: Sequence[Sequence[torch.Tensor]]) -> DiskGroup:  # fmt: skip
+    """A group file of this wrap's own in `folder`, holding `payloads` (new payloads of a group's
+    weights after the wrap: dequantized, or weights added); the group's old file is left to its
+    owner (a cache to other wraps, or deleted with the old group)."""
+    layout = layout_hash(names, [[(t.shape, t.dtype) for t in p] for p in payloads])
+    return write_group(group_file(folder, group_name, layout), names, inner_names, payloads,
+                       {"offload_tensor.source": "memory"}, shared=False)  # fmt: skip
+
+
 def open_group(path: Path, names: Sequence[str], inner_names: Sequence[Sequence[str]], metadata: dict[str, str],
                specs: Sequence[Sequence[tuple]] | None = None, *, shared: bool = True) -> DiskGroup:  # fmt: skip
     """The group stored in `path`, checked: every tensor present with the expected shape and dtype
@@ -344,7 +366,9 @@ def open_group(path: Path, names: Sequence[str], inner_names: Sequence[Sequence[
     stored, found_metadata = read_header(path)
     for key, value in metadata.items():
         if found_metadata.get(key) != value:
-            raise CheckpointError(f"{path} is stale: it was written for {key}={found_metadata.get(key)!r}, not {value!r}")
+            raise CheckpointError(
+                f"{path} is stale: it was written for {key}={found_metadata.get(key)!r}, not {value!r}"
+            )
     entries = []
     for w, (name, inners) in enumerate(zip(names, inner_names)):
         weight = []
@@ -354,7 +378,8 @@ def open_group(path: Path, names: Sequence[str], inner_names: Sequence[Sequence[
                 raise CheckpointError(f"{path} does not hold {name}.{inner}")
             if specs is not None and (tuple(specs[w][j][0]), specs[w][j][1]) != (entry.shape, entry.dtype):
                 raise CheckpointError(
-                    f"{path}: {name}.{inner} is {entry.shape} {entry.dtype}, not {tuple(specs[w][j][0])} {specs[w][j][1]}"
+                    f"{path}: {name}.{inner} is {entry.shape} {entry.dtype}, not "
+                    f"{tuple(specs[w][j][0])} {specs[w][j][1]}"
                 )
             weight.append(entry)
         entries.append(weight)
@@ -362,16 +387,19 @@ def open_group(path: Path, names: Sequence[str], inner_names: Sequence[Sequence[
     end = max((e.offset + e.nbytes for weight in entries for e in weight), default=0)
     checksum = found_metadata.get(CHECKSUM)
     if shared:
-        data = (min((e.offset for e in stored.values()), default=0), max((e.offset + e.nbytes for e in stored.values()), default=0))
+        data = (
+            min((e.offset for e in stored.values()), default=0),
+            max((e.offset + e.nbytes for e in stored.values()), default=0),
+        )
         if checksum is None:
             raise CheckpointError(f"{path} has no checksum (written by an earlier offload_tensor)")
         if data != (start, end):
             raise CheckpointError(f"{path} holds more than its group")
-    placements = [
-        [Placement(e.offset - start, torch.Size(e.shape), contiguous_stride(e.shape), e.dtype) for e in weight]
+    regions = [
+        [Region(e.offset - start, torch.Size(e.shape), contiguous_stride(e.shape), e.dtype) for e in weight]
         for weight in entries
     ]
-    return DiskGroup(path, start, end - start, placements, shared, checksum, verified=not shared)
+    return DiskGroup(path, start, end - start, regions, shared, checksum, verified=not shared)
 
 
 IO_ALIGN = 4096  # direct I/O needs buffer, offset and length aligned to the device's block size
@@ -420,15 +448,36 @@ class _BufferPool:
 class _Buffer:
     def __init__(self, tensor: torch.Tensor) -> None:
         self.tensor = tensor
-        self.idle_count = _use_count(tensor)  # nothing but the pool holds it
+        self.idle_count = _use_count(tensor) if REUSES_BUFFERS else 0  # nothing but the pool holds it
 
     @property
     def idle(self) -> bool:
-        return _use_count(self.tensor) == self.idle_count
+        return REUSES_BUFFERS and _use_count(self.tensor) == self.idle_count
 
 
 def _use_count(t: torch.Tensor) -> int:
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+    return _storage_use_count(t.untyped_storage()._cdata)
+
+
+def _counts_users() -> bool:
+    """Whether the private `torch._C._storage_Use_Count` counts a storage's users as the pool
+    needs: one more while a view of it lives, as many as before once the view is gone. Where it
+    does not (another torch), a buffer is never reused: fresh buffers, slower, the same results."""
+    if _storage_use_count is None:
+        return False
+    try:
+        buffer = torch.empty(64, dtype=torch.uint8)
+        before = _use_count(buffer)
+        view = buffer[8:16]
+        during = _use_count(buffer)
+        del view
+        return during == before + 1 and _use_count(buffer) == before
+    except Exception:
+        return False
+
+
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+REUSES_BUFFERS = _counts_users()
 
 
 class _Files:
@@ -479,17 +528,17 @@ class _Files:
         self.direct.clear()
 
 
-def _unaliased(placements: Sequence[Placement], flat: torch.Tensor) -> list[torch.Tensor]:
+def _unaliased(regions: Sequence[Region], flat: torch.Tensor) -> list[torch.Tensor]:
     """One weight's payload tensors out of its group's read buffer: the largest a view of the
     buffer (no copy of the bulk of the bytes), every other one a copy of its own. The fetch op
     returns a weight's tensors as one list whose entries must not alias each other (an fp8 or
     quantized payload's data and scales would otherwise share the buffer's storage). The copies
     hold no reference to the buffer, so the pool's use counts still see only the views."""
-    largest = max(range(len(placements)), key=lambda j: placements[j].nbytes, default=0)
-    return [p.view(flat) if j == largest else p.view(flat).clone() for j, p in enumerate(placements)]
+    largest = max(range(len(regions)), key=lambda j: regions[j].nbytes, default=0)
+    return [p.view(flat) if j == largest else p.view(flat).clone() for j, p in enumerate(regions)]
 
 
-class DiskBackend:
+class DiskBackend(Backend):
     """Computing on the CPU: a group is read into fresh tensors by a background thread."""
 
     def __init__(self) -> None:
@@ -520,7 +569,7 @@ class DiskBackend:
         flat = buffer[g.offset - start :]
         g.check(flat)  # a cache's first read in this process: its checksum
         self.bytes_read += g.nbytes
-        return {key: _unaliased(weight, flat) for key, weight in zip(self.keys[group], g.placements)}
+        return {key: _unaliased(weight, flat) for key, weight in zip(self.keys[group], g.regions)}
 
     def copy(self, group: int, slot: int, wait_for) -> Future:
         # Release events are None here: compute on the CPU has finished every read by the time
@@ -535,14 +584,12 @@ class DiskBackend:
     def read(self, group: int, slot: int, key: Hashable) -> list[torch.Tensor]:
         future = self.slots[slot]
         if future is None or not future.done():
-            from offload_tensor.engine.fake import StreamRaceError
-
             raise StreamRaceError(f"compute reads slot {slot} (group {group}) before its read from disk finished")
         tensors = future.result().pop(key, None)
         if tensors is None:  # read twice while in its slot (a tied weight): read it again
             g, i = self.key_index[key]
             tensors = []
-            for p in self.groups[g].placements[i]:
+            for p in self.groups[g].regions[i]:
                 t = torch.empty(p.shape, dtype=p.dtype)
                 read_exactly(self.files.fd(self.groups[g].path), byte_view(t), self.groups[g].offset + p.offset, "")
                 tensors.append(t)
@@ -566,7 +613,7 @@ class DiskBackend:
         return 0
 
 
-class DiskCudaBackend:
+class DiskCudaBackend(Backend):
     """Computing on CUDA from the disk tier: a background thread reads a group into a pinned
     staging buffer (one per slot), then the copy stream moves it into the device slot; a staging
     buffer is reused only after its copy to the device finished. Reads and releases are the CUDA
@@ -586,7 +633,7 @@ class DiskCudaBackend:
         largest = max((g.nbytes for g in self.groups), default=0) + 2 * IO_ALIGN  # room to align the read
         self.staging = [aligned_empty(largest, pin_memory=self.cuda.pin_memory) for _ in range(slots)]
         self.staged: list[torch.cuda.Event | None] = [None] * slots  # the last copy out of each staging buffer
-        self.cuda.prepare(self.groups, keys, slots)  # device slots, key index, placements (no arenas to pin)
+        self.cuda.prepare(self.groups, keys, slots)  # device slots, key index, regions (no arenas to pin)
 
     def copy(self, group: int, slot: int, wait_for) -> Future:
         def job() -> torch.cuda.Event:

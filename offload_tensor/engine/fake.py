@@ -16,14 +16,11 @@ from dataclasses import dataclass, field
 import torch
 
 from offload_tensor.engine.host_store import Arena
-
-
-class StreamRaceError(AssertionError):
-    pass
+from offload_tensor.engine.scheduler import Backend, StreamRaceError
 
 
 @dataclass
-class FakeBackend:
+class FakeBackend(Backend):
     copy_s_per_byte: float = 1e-9
     compute_s: float = 1e-4
     log: list[tuple] = field(default_factory=list)
@@ -71,7 +68,7 @@ class FakeBackend:
                 f"t={self.slot_landed[slot]:.6f}"
             )
         g, i = self.key_index[key]
-        out = [p.view(self.slot_buffers[slot]).clone() for p in self.arenas[g].placements[i]]
+        out = [p.view(self.slot_buffers[slot]).clone() for p in self.arenas[g].regions[i]]
         self.compute_clock += self.compute_s
         self.slot_read_until[slot] = self.compute_clock
         self.log.append(("read", group, slot, key))

@@ -48,7 +48,7 @@ def give_back_freed_memory() -> None:
 
 
 @dataclass(frozen=True)
-class Placement:
+class Region:
     offset: int  # bytes into the arena (or the group's byte range on disk)
     shape: torch.Size
     stride: tuple[int, ...]
@@ -67,41 +67,43 @@ def _span(shape, stride) -> int:
     return 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
 
 
-def layout(specs: Sequence[Sequence[tuple[torch.Size, tuple[int, ...], torch.dtype]]]) -> tuple[list[list[Placement]], int]:
-    """Placements of tensors (shape, stride, dtype), one list per weight, packed with alignment;
+def layout(
+    specs: Sequence[Sequence[tuple[torch.Size, tuple[int, ...], torch.dtype]]],
+) -> tuple[list[list[Region]], int]:
+    """Regions of tensors (shape, stride, dtype), one list per weight, packed with alignment;
     and the bytes they take."""
-    placements: list[list[Placement]] = []
+    regions: list[list[Region]] = []
     offset = 0
     for weight in specs:
         placed = []
         for shape, stride, dtype in weight:
             offset = -(-offset // ALIGN) * ALIGN
-            placement = Placement(offset, torch.Size(shape), tuple(stride), dtype)
-            placed.append(placement)
-            offset += placement.nbytes
-        placements.append(placed)
-    return placements, offset
+            region = Region(offset, torch.Size(shape), tuple(stride), dtype)
+            placed.append(region)
+            offset += region.nbytes
+        regions.append(placed)
+    return regions, offset
 
 
 @dataclass
 class Arena:
-    """One group's payload tensors in one buffer; `placements[i][j]` is tensor j of weight i."""
+    """One group's payload tensors in one buffer; `regions[i][j]` is tensor j of weight i."""
 
     buffer: torch.Tensor
-    placements: list[list[Placement]]
+    regions: list[list[Region]]
 
     @property
     def nbytes(self) -> int:
         return self.buffer.numel()
 
     def payloads(self) -> list[tuple[torch.Tensor, ...]]:
-        return [tuple(p.view(self.buffer) for p in weight) for weight in self.placements]
+        return [tuple(p.view(self.buffer) for p in weight) for weight in self.regions]
 
 
 def allocate_arena(specs: Sequence[Sequence[tuple[torch.Size, tuple[int, ...], torch.dtype]]]) -> Arena:
     """An arena for tensors of these (shape, stride, dtype), one list per weight; not filled."""
-    placements, nbytes = layout(specs)
-    return Arena(torch.empty(nbytes, dtype=torch.uint8), placements)
+    regions, nbytes = layout(specs)
+    return Arena(torch.empty(nbytes, dtype=torch.uint8), regions)
 
 
 def build_arena(payloads: Sequence[Sequence[torch.Tensor]]) -> Arena:

@@ -36,29 +36,78 @@ way. While recording, groups are loaded on demand.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import abc
+import contextlib
+import enum
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 Event = Any  # opaque to the scheduler: a CUDA event, or a virtual time
 
 
-class Backend(Protocol):
+class StreamRaceError(AssertionError):
+    """A slot used against the invariants above: a copy into it before its reads finished, or a
+    read before its copy landed (the fake backend's referee, and the disk backend, raise it)."""
+
+
+class Backend(abc.ABC):
+    """What moves the bytes: the scheduler decides, the backend copies (CUDA streams and events,
+    the disk tier's reader thread, or the fake backend's virtual clock)."""
+
+    @abc.abstractmethod
+    def prepare(self, stores: Sequence, keys: Sequence[Sequence[Hashable]], slots: int) -> None:
+        """Serve `stores` (host arenas or disk groups), the weights `keys[g]` of each, through
+        `slots` slots."""
+
+    @abc.abstractmethod
     def copy(self, group: int, slot: int, wait_for: Event | None) -> Event:
         """Start copying `group`'s host arena into device `slot` once `wait_for` has completed;
         return the event that completes when the copy has landed."""
 
+    @abc.abstractmethod
     def wait(self, event: Event) -> None:
         """Make compute wait for `event`."""
 
+    @abc.abstractmethod
     def read(self, group: int, slot: int, key: Hashable) -> list[torch.Tensor]:
         """On the compute stream: fresh tensors holding `key`'s payload from `slot`."""
 
+    @abc.abstractmethod
     def release(self, slot: int) -> Event:
         """An event that completes once every read of `slot` enqueued so far has finished (on
         every stream that read it)."""
+
+    def quiesce(self) -> None:
+        """Wait for in-flight copies (before host payloads are written; never on the hot path)."""
+
+    def close(self) -> None:
+        """Give back what the backend holds (pinned registrations, threads, descriptors)."""
+
+    @property
+    def pinned_bytes(self) -> int:
+        return 0
+
+
+class Phase(enum.Enum):
+    """The scheduler's phases, as ranges a profiler trace shows (`torch.profiler`)."""
+
+    FETCH = "offload_tensor.fetch"  # one weight asked for: the whole call
+    COPY = "offload_tensor.copy"  # a group's copy into a slot issued
+    WAIT = "offload_tensor.wait"  # compute made to wait for a slot's copy
+
+
+_no_range = contextlib.nullcontext()
+
+
+def ranged(phase: Phase):
+    """A profiler range for `phase` while a profiler records; nothing otherwise (a range costs
+    microseconds even unrecorded, on a path taken per weight)."""
+    if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):  # private: no ranges where it is gone
+        return torch.profiler.record_function(phase.value)
+    return _no_range
 
 
 @dataclass
@@ -101,16 +150,18 @@ class Scheduler:
 
     # -- the one entry point ------------------------------------------------------------------
     def fetch(self, key: Hashable) -> list[torch.Tensor]:
-        group = self.group_of[key]
-        if group != self.current:
-            self._move_to(group)
-        slot = self._slot_holding(group, missing_ok=True)
-        if slot is None:  # the copy into it raised (an interrupt, an error): copy again
-            self._load(group)
-            slot = self._slot_holding(group)
-        self.backend.wait(slot.ready)
-        slot.released = None  # this read is covered by no release event yet
-        return self.backend.read(group, slot.index, key)
+        with ranged(Phase.FETCH):
+            group = self.group_of[key]
+            if group != self.current:
+                self._move_to(group)
+            slot = self._slot_holding(group, missing_ok=True)
+            if slot is None:  # the copy into it raised (an interrupt, an error): copy again
+                self._load(group)
+                slot = self._slot_holding(group)
+            with ranged(Phase.WAIT):
+                self.backend.wait(slot.ready)
+            slot.released = None  # this read is covered by no release event yet
+            return self.backend.read(group, slot.index, key)
 
     # -- order and window ---------------------------------------------------------------------
     def _move_to(self, group: int) -> None:
@@ -197,7 +248,8 @@ class Scheduler:
             slot = free[0]
             if slot.released is None:  # loaded but never read (a wrong guess): no reads pending
                 slot.released = self.backend.release(slot.index)
-        slot.ready = self.backend.copy(group, slot.index, slot.released)
+        with ranged(Phase.COPY):
+            slot.ready = self.backend.copy(group, slot.index, slot.released)
         slot.group = group
         slot.released = None
         self.stats.copies += 1

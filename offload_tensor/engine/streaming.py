@@ -26,12 +26,14 @@ import torch
 from offload_tensor.engine.disk import DiskGroup
 from offload_tensor.engine.host_store import Arena
 from offload_tensor.engine.scheduler import Backend, Scheduler
-from offload_tensor.engine.sync import SynchronousEngine
+from offload_tensor.engine.sync import Engine, SynchronousEngine
 
 _synchronous = SynchronousEngine()
 
 
-class StreamingEngine:
+class StreamingEngine(Engine):
+    streams = True
+
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.scheduler: Scheduler | None = None
@@ -41,7 +43,7 @@ class StreamingEngine:
         self._warned_threads = False
 
     def prepare(self, stores: Sequence[Arena | DiskGroup], prefetch: int, keys: Sequence[Sequence[int]]) -> None:
-        """Serve the weights `keys[g]` (in placement order) of each group store: a host arena or a
+        """Serve the weights `keys[g]` (in region order) of each group store: a host arena or a
         disk-tier group file."""
         if self.scheduler is not None:
             raise ValueError("this StreamingEngine already serves a model; create one engine per wrapped model.")
@@ -51,8 +53,7 @@ class StreamingEngine:
         """Serve another set of groups of the same model (set_budget): in-flight copies finish
         first; the order is learnt again."""
         with self._lock:
-            if hasattr(self.backend, "quiesce"):
-                self.backend.quiesce()
+            self.backend.quiesce()
             self._serve(stores, prefetch, keys)
 
     def _serve(self, stores, prefetch: int, keys) -> None:
@@ -65,15 +66,17 @@ class StreamingEngine:
         """Payloads are about to be written (load_state_dict, LoRA fuse): let in-flight copies
         finish, and forget what the slots hold, so the next fetch copies the new values."""
         with self._lock:
-            if hasattr(self.backend, "quiesce"):
-                self.backend.quiesce()
+            self.backend.quiesce()
             if self.scheduler is not None:
                 self.scheduler.reset()
 
     def close(self) -> None:
         """Give back what the backend holds (pinned registrations); called by unwrap_model."""
-        if hasattr(self.backend, "close"):
-            self.backend.close()
+        self.backend.close()
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self.backend.pinned_bytes
 
     @property
     def host_bytes(self) -> int:

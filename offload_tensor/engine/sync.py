@@ -1,32 +1,57 @@
-"""The synchronous engine: copy on demand, in the caller's stream, nothing cached."""
+"""The engine protocol, and the synchronous engine: copy on demand, in the caller's stream,
+nothing cached."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+import abc
+from collections.abc import Hashable, Sequence
+from typing import ClassVar
 
 import torch
 
 from offload_tensor.engine.disk import before_read
 
 
-class Engine(Protocol):
-    """What the fetch op asks at run time.
+class Engine(abc.ABC):
+    """What the fetch op asks at run time, and what wrapping asks of an engine.
 
-    `key` identifies one offloaded weight (assigned at wrap, see [Note: weight identity] in
-    ops.py); an engine may use it to find a prefetched copy. `payload` is the weight's inner tensors on the offload
-    device; the result must equal them, copied to `device`, and must not be held by the engine.
+    `fetch(key, payload, device)`: `key` identifies one offloaded weight (assigned at wrap, see
+    [Note: weight identity] in ops.py); an engine may use it to find a prefetched copy. `payload`
+    is the weight's inner tensors on the offload device; the result must equal them, copied to
+    `device`, and must not be held by the engine.
 
-    Optional methods, called when present: `prepare(groups, prefetch, keys)` by
-    wrap_model_for_offload with the payloads grouped (returns the payloads to keep, e.g. views
-    into host arenas), `invalidate()` before a payload is written in place, `close()` by
-    unwrap_model.
+    An engine that `streams` serves whole groups from their homes (host arenas, disk files),
+    which wrap_model_for_offload hands it with `prepare` (and set_budget with `replan`); one that
+    does not fetches each payload where it is. `invalidate()` comes before a payload is written in
+    place, `close()` from unwrap_model.
     """
 
+    streams: ClassVar[bool] = False
+
+    @abc.abstractmethod
     def fetch(self, key: int, payload: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]: ...
 
+    def prepare(self, stores: Sequence, prefetch: int, keys: Sequence[Sequence[Hashable]]) -> None:
+        """Serve the weights `keys[g]` (in region order) of each group store. Streaming engines only."""
+        raise TypeError(f"{type(self).__name__} does not stream groups (its `streams` is False)")
 
-class SynchronousEngine:
+    def replan(self, stores: Sequence, prefetch: int, keys: Sequence[Sequence[Hashable]]) -> None:
+        """Serve another set of groups of the same model (set_budget). Streaming engines only."""
+        raise TypeError(f"{type(self).__name__} does not stream groups (its `streams` is False)")
+
+    def invalidate(self) -> None:
+        """A payload is about to be written in place: forget any copy of it."""
+
+    def close(self) -> None:
+        """Give back what the engine holds (unwrap_model)."""
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Page-locked host memory the engine holds."""
+        return 0
+
+
+class SynchronousEngine(Engine):
     """Copies each payload tensor to the compute device when it is asked for."""
 
     def fetch(self, key: int, payload: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

@@ -3,8 +3,8 @@ runs in test_scheduler.py on the fake backend."""
 
 import pytest
 import torch
-
 from models import CASES, output
+
 from offload_tensor import unwrap_model, wrap_model_for_offload
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -51,7 +51,9 @@ def test_stress_200_forwards_no_mismatch():
     slow_compute(model)
     with torch.no_grad():
         expected = [output(resident(**cuda_inputs(step))) for step in range(8)]
-        mismatches = sum(not torch.equal(output(model(**cuda_inputs(step % 8))), expected[step % 8]) for step in range(200))
+        mismatches = sum(
+            not torch.equal(output(model(**cuda_inputs(step % 8))), expected[step % 8]) for step in range(200)
+        )
     assert mismatches == 0
     assert model._offload_state.engine.scheduler.stats.misses == 0
 
@@ -116,7 +118,7 @@ def test_two_threads_with_their_own_streams_get_correct_results():
                 for step in range(parity, 16, 2):
                     results[step] = output(model(**cuda_inputs(step)))
                 torch.cuda.current_stream().synchronize()
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(parity,)) for parity in (0, 1)]

@@ -131,7 +131,12 @@ def test_random_forwards_writes_and_failures_never_race_or_go_stale(case):
                 value = torch.randn(plain.get_parameter(name).shape, generator=g)
                 for m in (model, plain):
                     w = m.get_parameter(name)
-                    {"copy_": lambda: w.copy_(value), "add_": lambda: w.add_(value), "view_fill_": lambda: w[0].fill_(0.5)}[step]()
+                    if step == "copy_":
+                        w.copy_(value)
+                    elif step == "add_":
+                        w.add_(value)
+                    else:  # view_fill_
+                        w[0].fill_(0.5)
     copies = [e for e in engine.backend.log if e[0] == "copy"]
     assert {slot for _, _, slot, _, _ in copies} <= set(range(prefetch + 1))
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import CASES, output
 
 import compile_rules
-from models import CASES, output
 from offload_tensor import offload_report, wrap_model_for_offload
 from offload_tensor.engine.fake import FakeBackend, StreamRaceError
 from offload_tensor.engine.host_store import build_arena
@@ -173,7 +173,11 @@ class _NoReadyWait(Scheduler):
 @pytest.mark.parametrize("planted", [_NoReleaseWait, _NoReadyWait])
 def test_fake_backend_catches_a_planted_race(planted):
     # slow compute exposes early slot reuse; slow copies expose reads before the copy landed
-    slow = dict(compute_s=1e-3, copy_s_per_byte=1e-9) if planted is _NoReleaseWait else dict(compute_s=1e-9, copy_s_per_byte=1e-3)
+    slow = (
+        dict(compute_s=1e-3, copy_s_per_byte=1e-9)
+        if planted is _NoReleaseWait
+        else dict(compute_s=1e-9, copy_s_per_byte=1e-3)
+    )
     engine, payloads, expected = make_engine(groups=5, prefetch=1, scheduler_cls=planted, **slow)
     with pytest.raises(StreamRaceError):
         for _ in range(3):
@@ -189,7 +193,9 @@ def test_arenas_are_exact_size_one_per_group():
     blocks = len(model.transformer_blocks) + len(model.single_transformer_blocks)
     assert len(engine.arenas) < len(list(model.parameters())) and len(engine.arenas) >= blocks
     for p in model.parameters():  # every payload lives in its group's arena
-        assert any(a.buffer.data_ptr() <= p._inner[0].data_ptr() < a.buffer.data_ptr() + a.nbytes for a in engine.arenas)
+        assert any(
+            a.buffer.data_ptr() <= p._inner[0].data_ptr() < a.buffer.data_ptr() + a.nbytes for a in engine.arenas
+        )
     assert offload_report(model).by_kind["plain"] == weight_bytes
 
 
