@@ -50,8 +50,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/disk.py` finds `bench`
-CONFIGS = ["ram", "ours_ram", "ours_disk", "ours_disk_leaf", "ours_disk_crb", "ours_disk_leaf_crb", "ours_disk_unchecked",
-           "diffusers_block_disk", "diffusers_leaf_disk", "diffusers_block_disk_crb"]
+CONFIGS = [
+    "ram",
+    "ours_ram",
+    "ours_disk",
+    "ours_disk_leaf",
+    "ours_disk_crb",
+    "ours_disk_leaf_crb",
+    "ours_disk_unchecked",
+    "diffusers_block_disk",
+    "diffusers_leaf_disk",
+    "diffusers_block_disk_crb",
+]
 MODEL = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128,
              num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
              axes_dims_rope=(16, 56, 56))  # fmt: skip
@@ -243,13 +253,18 @@ def main() -> None:
     for r in range(args.rounds):
         bandwidths.append((cold_read_bandwidth(weight_files(checkpoint), direct=False),
                            cold_read_bandwidth(weight_files(checkpoint), direct=True)))  # fmt: skip
-        print(f"round {r}: cold read bandwidth buffered {bandwidths[-1][0] / 1e9:.2f} GB/s, direct {bandwidths[-1][1] / 1e9:.2f} GB/s")
+        print(
+            f"round {r}: cold read bandwidth buffered {bandwidths[-1][0] / 1e9:.2f} GB/s, "
+            f"direct {bandwidths[-1][1] / 1e9:.2f} GB/s"
+        )
         rounds.append({})
         for name in names:
             cmd = [sys.executable, __file__, "--child", name, "--work", str(work), "--steps", str(args.steps),
                    "--prefetch", str(args.prefetch), "--image-tokens", str(args.image_tokens),
                    "--text-tokens", str(args.text_tokens)]  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+            )
             if done.returncode != 0:
                 record = dict(config=name, error=(done.stderr.strip().splitlines() or ["?"])[-1][:300])
             else:
@@ -283,7 +298,8 @@ def main() -> None:
     meta = dict(
         device=cpu_name(), cores=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
         date=datetime.date.today().isoformat(), command="python bench/disk.py " + " ".join(sys.argv[1:]),
-        cold_read_buffered_bytes_per_s=[b for b, _ in bandwidths], cold_read_direct_bytes_per_s=[d for _, d in bandwidths],
+        cold_read_buffered_bytes_per_s=[b for b, _ in bandwidths],
+        cold_read_direct_bytes_per_s=[d for _, d in bandwidths],
         weight_bytes=weight_bytes, image_tokens=args.image_tokens, text_tokens=args.text_tokens, steps=args.steps,
         rounds=args.rounds, prefetch=args.prefetch,
     )  # fmt: skip
@@ -300,17 +316,20 @@ def main() -> None:
 def markdown(meta: dict, records: list[dict]) -> str:
     gb = 1e9
     lines = [
-        f"# Disk tier on the CPU ({meta['date']}, torch {meta['torch']}, diffusers {meta['diffusers']}, {meta['cores']} cores)",
+        f"# Disk tier on the CPU ({meta['date']}, torch {meta['torch']}, diffusers {meta['diffusers']}, "
+        f"{meta['cores']} cores)",
         "",
-        f"`{meta['command']}` on {meta['device']}. Flux-shaped bf16 model, {meta['weight_bytes'] / gb:.2f} GB of weights; "
-        f"{meta['image_tokens']} image + {meta['text_tokens']} text tokens; page cache of the weight files dropped before "
+        f"`{meta['command']}` on {meta['device']}. Flux-shaped bf16 model, {meta['weight_bytes'] / gb:.2f} GB of "
+        f"weights; {meta['image_tokens']} image + {meta['text_tokens']} text tokens; page cache of the weight files "
+        "dropped before "
         "every timed step; cold read bandwidth per round (GB/s) buffered "
         + ", ".join(f"{b / gb:.2f}" for b in meta["cold_read_buffered_bytes_per_s"])
         + ", direct I/O "
         + ", ".join(f"{d / gb:.2f}" for d in meta["cold_read_direct_bytes_per_s"])
         + f" (a round's bound uses its higher figure). Medians over {meta['rounds']} rounds of {meta['steps']} steps.",
         "",
-        "| config | step s (per round) | step / bound (per round) | read per step GB | disk GB/s | steady RSS above bare GB "
+        "| config | step s (per round) | step / bound (per round) | read per step GB | disk GB/s "
+        "| steady RSS above bare GB "
         "| RSS / weights | first step s (per round; GB checked) |",
         "|---|---|---|---:|---:|---:|---:|---|",
     ]
@@ -333,10 +352,12 @@ def markdown(meta: dict, records: list[dict]) -> str:
         "",
         "step / bound: per round, step / max(compute, bytes read / bandwidth), compute = `ours_ram`'s step in that "
         "round, bandwidth = the cold direct read of the configuration's own weight files right before its timed steps; "
-        "the median over rounds. disk GB/s: that measurement (the last round's). For diffusers, bytes read per step is the size of its offload files (it reads "
+        "the median over rounds. disk GB/s: that measurement (the last round's). For diffusers, bytes read per step "
+        "is the size of its offload files (it reads "
         "every group each step). Targets for ours: RSS / weights <= 0.25, step / bound <= 1.15, and no slower than "
         "diffusers' disk offloading. first step: the step right after loading, page cache dropped, in which a reused "
-        "cache's checksums are checked (GB checked: 0 where that process wrote the cache itself); `ours_disk_unchecked` "
+        "cache's checksums are checked (GB checked: 0 where that process wrote the cache itself); "
+        "`ours_disk_unchecked` "
         "is `ours_disk` with the check skipped.",
     ]
     return "\n".join(lines) + "\n"

@@ -31,7 +31,8 @@ class Config:
     """One thing to measure. Everything a run depends on is here."""
 
     model: str = "flux-tiny"  # flux-tiny | wan-tiny | flux-shaped
-    method: str = "ours"  # resident | ours | diffusers_group | model_cpu_offload | sequential_cpu_offload | accelerate_cpu_offload | mmgp
+    # resident | ours | diffusers_group | model_cpu_offload | sequential_cpu_offload | accelerate_cpu_offload | mmgp
+    method: str = "ours"
     compile: str = "crb"  # none | full (torch.compile) | crb (compile_repeated_blocks)
     quant: str = "none"  # none | fp8 | int8wo | qint8
     granularity: str = "block"  # block | leaf (ours, diffusers_group)
@@ -112,8 +113,8 @@ def build(config: Config):
     elif config.model == "wan-tiny":
         model, inputs = testing.tiny_wan(), testing.tiny_wan_inputs()
     elif config.model == "flux-shaped":
-        from bench.stream import build_model
-        from bench.stream import inputs as flux_inputs
+        from bench.models import build_model
+        from bench.models import inputs as flux_inputs
 
         args = argparse.Namespace(double=4, single=8)  # ~5 GB of bf16 weights
         model, cfg = build_model(args)
@@ -121,7 +122,9 @@ def build(config: Config):
     else:
         raise ValueError(f"unknown model {config.model!r}")
     model = model.to(dtype)
-    inputs = {k: v.to(dtype) if hasattr(v, "is_floating_point") and v.is_floating_point() else v for k, v in inputs.items()}
+    inputs = {
+        k: v.to(dtype) if hasattr(v, "is_floating_point") and v.is_floating_point() else v for k, v in inputs.items()
+    }
     return model, inputs
 
 
@@ -203,7 +206,15 @@ def run_config(config: Config) -> dict:
     quantize(model, config.quant)
     weight_bytes = sum(_nbytes(p) for p in model.parameters())
     with torch.no_grad():
-        reference = _output(model.to(config.device)(**{k: v.to(config.device) if hasattr(v, "to") else v for k, v in inputs.items()})).float().cpu()
+        reference = (
+            _output(
+                model.to(config.device)(
+                    **{k: v.to(config.device) if hasattr(v, "to") else v for k, v in inputs.items()}
+                )
+            )
+            .float()
+            .cpu()
+        )
     model = model.cpu()
     inputs = {k: v.to(config.device) if hasattr(v, "to") else v for k, v in inputs.items()}
     model = apply_method(model, config)
@@ -318,7 +329,9 @@ def validate(record: dict) -> None:
     """Refuse a record that could not be traced back to a machine, versions, date and command."""
     missing = [f for f in REQUIRED_FIELDS if not record.get(f)]
     if missing:
-        raise ValueError(f"benchmark record without {', '.join(missing)}: refusing to write it ({record.get('config')})")
+        raise ValueError(
+            f"benchmark record without {', '.join(missing)}: refusing to write it ({record.get('config')})"
+        )
 
 
 def append(path: Path, record: dict) -> None:
@@ -344,7 +357,7 @@ def run_child(config: Config, timeout: int = 900) -> dict:
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()
-        return {"error": next((l for l in reversed(tail) if l.strip()), "no output")[:300]}
+        return {"error": next((line for line in reversed(tail) if line.strip()), "no output")[:300]}
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -359,7 +372,9 @@ def run_suite(suite: str, repeats: int, only: str | None, out: Path) -> Path:
             fields["compute_device"] = fields.pop("device")  # "device" is the machine (env)
             record = {**env, "suite": suite, "repeat": repeat, "config": config.name, **fields, **metrics}
             append(path, record)
-            summary = {k: record.get(k) for k in ("graph_breaks", "graphs", "recompiles", "compile_s", "step_s", "error")}
+            summary = {
+                k: record.get(k) for k in ("graph_breaks", "graphs", "recompiles", "compile_s", "step_s", "error")
+            }
             print(config.name, json.dumps({k: v for k, v in summary.items() if v is not None}), flush=True)
     return path
 
@@ -378,11 +393,25 @@ def report(suite: str, out: Path) -> tuple[Path, Path]:
     rows = []
     for name, rs in by_config.items():
         ok = [r for r in rs if "error" not in r]
-        row = {"config": name, "model": rs[0]["model"], "method": rs[0]["method"], "compile": rs[0]["compile"], "runs": len(rs)}
+        row = {
+            "config": name,
+            "model": rs[0]["model"],
+            "method": rs[0]["method"],
+            "compile": rs[0]["compile"],
+            "runs": len(rs),
+        }
         if not ok:
             row["error"] = rs[-1]["error"]
         else:
-            for key in ("graph_breaks", "graphs", "recompiles", "compile_s", "step_s", "max_abs_diff", "peak_vram_bytes"):
+            for key in (
+                "graph_breaks",
+                "graphs",
+                "recompiles",
+                "compile_s",
+                "step_s",
+                "max_abs_diff",
+                "peak_vram_bytes",
+            ):
                 values = [r[key] for r in ok if r.get(key) is not None]
                 if values:
                     row[key] = statistics.median(values)
@@ -431,13 +460,15 @@ def plot(rows: list[dict], png: Path, suite: str, health: bool) -> None:
     labels = list(dict.fromkeys(r["config"].split("/", 1)[1] for r in ok))
     metrics = [("graph_breaks", "graph breaks (count)"), ("compile_s", "compile time (s)")] if health else [
         ("step_s", "step time (s)")]
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(8, 0.45 * len(labels) + 3), 3.2 * len(metrics)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(metrics), 1, figsize=(max(8, 0.45 * len(labels) + 3), 3.2 * len(metrics)), squeeze=False
+    )
     width = 0.8 / max(1, len(models))
     for ax, (key, label) in zip(axes[:, 0], metrics):
         for i, model in enumerate(models):
             values = {r["config"].split("/", 1)[1]: r.get(key, 0) for r in ok if r["model"] == model}
             xs = [j + i * width for j in range(len(labels))]
-            ax.bar(xs, [values.get(l, 0) for l in labels], width=width, label=model)
+            ax.bar(xs, [values.get(name, 0) for name in labels], width=width, label=model)
         ax.set_ylabel(label)
         ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(labels))])
         ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
@@ -451,7 +482,9 @@ def plot(rows: list[dict], png: Path, suite: str, health: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run")
     run.add_argument("suite", choices=sorted(SUITES))

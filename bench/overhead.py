@@ -26,7 +26,7 @@ from torch import nn
 from offload_tensor import wrap_model_for_offload
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/overhead.py` finds `bench`
-from bench.harness import cpu_name  # noqa: E402
+from bench.harness import cpu_name
 
 
 def mlp(width: int) -> tuple[nn.Module, dict]:
@@ -122,7 +122,8 @@ def main() -> None:
         "",
         f"`{result['command']}`: wrapped/plain step time, median of {args.rounds} interleaved rounds.",
         "",
-        "| model | weights | mode | plain ms/step | wrapped ms/step | overhead us/step | ratio (median) | min..max | target |",
+        "| model | weights | mode | plain ms/step | wrapped ms/step | overhead us/step | ratio (median) | min..max "
+        "| target |",
         "|---|---:|---|---:|---:|---:|---:|---|---:|",
     ]
     for row in rows:

@@ -11,15 +11,19 @@ import importlib
 _API = {
     "wrap_model_for_offload": "offload_tensor.wrap",
     "unwrap_model": "offload_tensor.wrap",
-    "set_budget": "offload_tensor.wrap",
-    "is_wrapped": "offload_tensor.wrap",
-    "wrap_pipeline_for_offload": "offload_tensor.integrations.diffusers",
-    "unwrap_pipeline": "offload_tensor.integrations.diffusers",
-    "from_pretrained": "offload_tensor.integrations.diffusers",
+    "set_budget": "offload_tensor.replan",
+    "is_wrapped": "offload_tensor.state",
+    "wrap_pipeline_for_offload": "offload_tensor.pipeline",
+    "unwrap_pipeline": "offload_tensor.pipeline",
+    "from_pretrained": "offload_tensor.pipeline",
+    "plan": "offload_tensor.pipeline",
+    "PipelinePlan": "offload_tensor.pipeline",
     "offload_report": "offload_tensor.report",
     "OffloadReport": "offload_tensor.report",
-    "plan": "offload_tensor.planner",
     "Plan": "offload_tensor.planner",
+    "Storage": "offload_tensor.policy",
+    "Streaming": "offload_tensor.policy",
+    "Placement": "offload_tensor.policy",
     "Tier": "offload_tensor.policy",
     "OffloadedTensor": "offload_tensor.tensor",
     "RefusedOpError": "compile_rules.table",
@@ -27,7 +31,30 @@ _API = {
     "Engine": "offload_tensor.engine",
     "SynchronousEngine": "offload_tensor.engine",
 }
-__all__ = sorted(_API)
+__all__ = [  # the names of _API
+    "CheckpointError",
+    "Engine",
+    "OffloadReport",
+    "OffloadedTensor",
+    "PipelinePlan",
+    "Placement",
+    "Plan",
+    "RefusedOpError",
+    "Storage",
+    "Streaming",
+    "SynchronousEngine",
+    "Tier",
+    "from_pretrained",
+    "is_wrapped",
+    "offload_report",
+    "plan",
+    "set_budget",
+    "unwrap_model",
+    "unwrap_pipeline",
+    "wrap_model_for_offload",
+    "wrap_pipeline_for_offload",
+]
+
 
 
 def __getattr__(name: str):

@@ -22,59 +22,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from offload_tensor.checkpoint import CheckpointError, StoredTensor, fingerprint, read_into
+from offload_tensor.checkpoint import CheckpointError
 from offload_tensor.engine import disk
 from offload_tensor.engine.disk import DiskGroup, group_file, layout_hash, open_group, read_exactly_into, write_group
 from offload_tensor.engine.host_store import Arena, allocate_arena, contiguous_stride, give_back_freed_memory
 from offload_tensor.payloads import Float8, PayloadKind, Plain, kind_for
 from offload_tensor.planner import Plan, format_bytes
+from offload_tensor.source import CheckpointSource, ModelSource
 
 log = logging.getLogger("offload_tensor")
 PROGRESS_BYTES = 1 << 30  # a progress bar above this many bytes
-
-
-class ModelSource:
-    """The weights of a loaded model."""
-
-    fingerprint = "memory"  # values known only by reading them: disk files are always written
-
-    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
-        self.weights = weights
-
-    def value(self, name: str) -> torch.Tensor:
-        return self.weights[name].detach()
-
-    def fill(self, name: str, out: torch.Tensor) -> None:
-        out.copy_(self.weights[name].detach())
-
-    def stride(self, name: str) -> tuple[int, ...]:
-        return self.weights[name].stride()
-
-
-class CheckpointSource:
-    """Weights read from safetensors files, by weight name (see checkpoint.py), each converted to
-    the dtype the model computes it in where that differs from the stored one (`torch_dtype=`):
-    one tensor at a time, so nothing is held twice."""
-
-    def __init__(self, stored: dict[str, StoredTensor], files, dtypes: dict[str, torch.dtype]) -> None:
-        self.stored = stored
-        self.dtypes = dtypes
-        self.fingerprint = fingerprint(files)
-
-    def value(self, name: str) -> torch.Tensor:
-        s = self.stored[name]
-        out = torch.empty(s.shape, dtype=s.dtype)
-        read_into(s, out)
-        return out.to(self.dtypes[name])
-
-    def fill(self, name: str, out: torch.Tensor) -> None:
-        if out.is_contiguous() and out.dtype == self.stored[name].dtype:
-            read_into(self.stored[name], out)
-        else:
-            out.copy_(self.value(name))
-
-    def stride(self, name: str) -> tuple[int, ...]:
-        return contiguous_stride(self.stored[name].shape)
 
 
 @dataclass
@@ -144,7 +101,7 @@ def resident_payloads(home: Arena | DiskGroup, device: torch.device) -> list[tup
     computing on the CPU (the arena itself, or, from the disk tier, an arena read from the file,
     checked against the file's checksum: its memory map is never read, so its pages stay out of RSS)."""
     if isinstance(home, DiskGroup):
-        arena = Arena(torch.empty(home.nbytes, dtype=torch.uint8), home.placements)  # the file's layout
+        arena = Arena(torch.empty(home.nbytes, dtype=torch.uint8), home.regions)  # the file's layout
         read_exactly_into(home, arena.buffer)
         home.check(arena.buffer)
         payloads = arena.payloads()
@@ -235,10 +192,13 @@ def _disk_files(plan: Plan, weights, kinds, source) -> dict[str, _GroupFile]:
     written = [f for f in files.values() if f.reused is None]
     if written:
         stale = [f.why for f in written if f.why]
-        what = "from the model in memory" if not shared else f"caches of the checkpoint, {len(stale)} of them to replace"
+        what = (
+            "from the model in memory" if not shared else f"caches of the checkpoint, {len(stale)} of them to replace"
+        )
         disk.check_room(folder, sum(nbytes[n] + FILE_OVERHEAD for n, f in files.items() if f.reused is None),
                         len(written), what)  # fmt: skip
         if stale:
+            more = f", and {len(stale) - 1} more" if len(stale) > 1 else ""
             log.warning("offload_tensor: writing %d disk-tier cache files in %s again from the checkpoint (%s%s)",
-                        len(stale), folder, stale[0], f", and {len(stale) - 1} more" if len(stale) > 1 else "")  # fmt: skip
+                        len(stale), folder, stale[0], more)  # fmt: skip
     return files

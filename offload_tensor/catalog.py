@@ -51,7 +51,9 @@ def config_of(model_or_path: str | os.PathLike) -> dict:
         return dict(_known(str(model_or_path)))
     path = Path(model_or_path)
     if not path.is_file():
-        raise ValueError(f"{os.fspath(model_or_path)!r} is neither a known model ({', '.join(KNOWN)}) nor a config file.")
+        raise ValueError(
+            f"{os.fspath(model_or_path)!r} is neither a known model ({', '.join(KNOWN)}) nor a config file."
+        )
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -66,7 +68,9 @@ def config_of(model_or_path: str | os.PathLike) -> dict:
             f"config.json, e.g. {_component_config(path.parent, components)}."
         )
     if "_class_name" not in config:
-        raise ValueError(f"{path} has no _class_name; pass the config.json of a diffusers model (e.g. transformer/config.json).")
+        raise ValueError(
+            f"{path} has no _class_name; pass the config.json of a diffusers model (e.g. transformer/config.json)."
+        )
     return config
 
 

@@ -71,7 +71,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, StoredTensor], dict[
     for name, t in tensors.items():
         if t.offset + t.nbytes > size:
             raise CheckpointError(
-                f"{path} is truncated: {name} ends at byte {t.offset + t.nbytes}, the file has {size}. Download or write "
+                f"{path} is truncated: {name} ends at byte {t.offset + t.nbytes}, the file has {size}. Download or "
+                "write "
                 "it again."
             )
     return tensors, metadata
@@ -210,7 +211,9 @@ def read_exactly(fd: int, buffer: memoryview, offset: int, path: str) -> None:
     while done < len(buffer):
         n = os.preadv(fd, [buffer[done:]], offset + done)
         if n == 0:
-            raise CheckpointError(f"{path} ended early while reading bytes {offset}..{offset + len(buffer)}: truncated?")
+            raise CheckpointError(
+                f"{path} ended early while reading bytes {offset}..{offset + len(buffer)}: truncated?"
+            )
         done += n
 
 
@@ -267,7 +270,9 @@ def write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-(8 + len(encoded)) % ALIGN)  # the data starts aligned too
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner}-" if owner else f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{owner}-" if owner else f".{path.name}.", suffix=".tmp", dir=path.parent
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(encoded)))

@@ -1,7 +1,7 @@
 """The `offload-tensor` command (also `python -m offload_tensor`).
 
 `--help` and `--version` import nothing heavy (no torch). Every bad input ends with exit status 2
-and one line that says what to do; no traceback.
+and one line that says what to do; no traceback (a bug keeps its traceback).
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--fp8", action="store_true", help="store matrices in fp8 (float8_e4m3fn)")
     plan.add_argument("--prefetch", type=int, default=1, help="groups fetched ahead (default: 1)")
     plan.add_argument("--granularity", default="block", choices=("block", "leaf"))
-    plan.add_argument("--bandwidth", help="host-to-device (or disk) bandwidth, e.g. 25GB (default: measured if possible)")
+    plan.add_argument(
+        "--bandwidth", help="host-to-device (or disk) bandwidth, e.g. 25GB (default: measured if possible)"
+    )
 
     demo = commands.add_parser("demo", help="tiny Flux: plain vs wrapped, eager vs compile_repeated_blocks")
     demo.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available, else cpu)")
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
             bench(model=args.model, device=_device(args.device), steps=args.steps)
     except KeyboardInterrupt:
         sys.exit(130)
-    except (ValueError, TypeError, OSError, RuntimeError) as e:  # our errors name the problem and the fix
+    except (ValueError, OSError) as e:  # bad input and the machine's limits: our errors name the problem and the fix
+        # (anything else is a bug, shown with its traceback)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"offload-tensor {args.command}: error: {first}", file=sys.stderr)
         sys.exit(2)
@@ -151,7 +154,7 @@ def _plan(args) -> None:
     import torch
 
     from offload_tensor.catalog import meta_model
-    from offload_tensor.planner import plan
+    from offload_tensor.pipeline import plan
     from offload_tensor.policy import parse_bandwidth, parse_bytes
 
     for name, parse in (("budget", parse_bytes), ("ram", parse_bytes), ("bandwidth", parse_bandwidth)):

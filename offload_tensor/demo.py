@@ -28,6 +28,13 @@ def _warm_up(model, inputs: dict) -> None:
             model(**inputs)
 
 
+def _side_by_side(plain, wrapped, inputs: dict, steps: int, device: torch.device):
+    """Both models warmed up, then timed: (plain ms/step, its output, wrapped ms/step, its output)."""
+    _warm_up(plain, inputs)
+    _warm_up(wrapped, inputs)
+    return (*_step_ms(plain, inputs, steps, device), *_step_ms(wrapped, inputs, steps, device))
+
+
 def _step_ms(model, inputs: dict, steps: int, device: torch.device) -> tuple[float, torch.Tensor]:
     times = []
     with torch.no_grad():
@@ -51,7 +58,10 @@ def run(device: str | None = None, steps: int = 20, storage_dtype: torch.dtype |
     inputs = tiny_flux_inputs(device=compute)
     folder = tempfile.TemporaryDirectory(prefix="offload_tensor_demo_")
     tier = "pinned host RAM" if compute.type == "cuda" else f"disk ({folder.name})"
-    print(f"offload_tensor demo: tiny Flux transformer on {compute}, weights streamed from {tier} (torch {torch.__version__})")
+    print(
+        f"offload_tensor demo: tiny Flux transformer on {compute}, weights streamed from {tier} "
+        f"(torch {torch.__version__})"
+    )
 
     plain = tiny_flux().to(compute)
     offload = {} if compute.type == "cuda" else {"offload": "disk", "disk_path": folder.name}
@@ -64,10 +74,7 @@ def run(device: str | None = None, steps: int = 20, storage_dtype: torch.dtype |
             wrapped_health = compile_rules.check(wrapped, repeated_blocks=True, fullgraph=True, **inputs)
             plain.compile_repeated_blocks(fullgraph=True)
             wrapped.compile_repeated_blocks(fullgraph=True)
-        _warm_up(plain, inputs)
-        _warm_up(wrapped, inputs)
-        plain_ms, plain_out = _step_ms(plain, inputs, steps, compute)
-        wrapped_ms, wrapped_out = _step_ms(wrapped, inputs, steps, compute)
+        plain_ms, plain_out, wrapped_ms, wrapped_out = _side_by_side(plain, wrapped, inputs, steps, compute)
         diff = (plain_out - wrapped_out).abs().max().item()
         equal = torch.equal(plain_out, wrapped_out)
         row = dict(mode=mode, plain_ms=plain_ms, wrapped_ms=wrapped_ms, equal=equal, max_abs_diff=diff)
@@ -142,12 +149,11 @@ def bench(model: str = "flux-tiny", device: str | None = None, steps: int = 10) 
         if compiled:
             plain.compile_repeated_blocks(fullgraph=True)
             wrapped.compile_repeated_blocks(fullgraph=True)
-        _warm_up(plain, inputs)
-        _warm_up(wrapped, inputs)
-        plain_ms, _ = _step_ms(plain, inputs, steps, compute)
-        wrapped_ms, _ = _step_ms(wrapped, inputs, steps, compute)
+        plain_ms, _, wrapped_ms, _ = _side_by_side(plain, wrapped, inputs, steps, compute)
         moved = offload_report(wrapped).streamed_per_step
-        rows.append(dict(mode="compiled" if compiled else "eager", plain_ms=plain_ms, wrapped_ms=wrapped_ms, moved=moved))
+        rows.append(
+            dict(mode="compiled" if compiled else "eager", plain_ms=plain_ms, wrapped_ms=wrapped_ms, moved=moved)
+        )
     if compute.type == "cuda":
         from offload_tensor.planner import measured_bandwidth
         from offload_tensor.policy import Placement

@@ -131,7 +131,9 @@ def _rebuild(spec: dict, inner: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
 
 
 @torch.library.custom_op("offload_tensor::subclass_linear", mutates_args=(), tags=_TAGS)
-def subclass_linear(input: torch.Tensor, inner: list[torch.Tensor], bias: torch.Tensor | None, spec: str) -> torch.Tensor:
+def subclass_linear(
+    input: torch.Tensor, inner: list[torch.Tensor], bias: torch.Tensor | None, spec: str
+) -> torch.Tensor:
     """F.linear(input, <payload rebuilt from inner by spec>, bias) (see [Note: opaque linear])."""
     return torch.nn.functional.linear(input, _rebuild(json.loads(spec), inner)[0], bias)
 

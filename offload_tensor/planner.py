@@ -28,7 +28,7 @@ from torch import nn
 
 from offload_tensor import integrations
 from offload_tensor.payloads import kind_for, stored_bytes
-from offload_tensor.policy import Placement, Storage, Streaming, Tier, parse_bandwidth, parse_bytes
+from offload_tensor.policy import Placement, Storage, Streaming, Tier
 
 
 def named_parameter_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
@@ -134,8 +134,28 @@ class Plan:
     def bytes_in(self, tier: Tier | str) -> int:
         return sum(g.nbytes for g in self.groups if tier_of(g, self.device) == tier)
 
-    def group_of(self) -> dict[str, int]:
-        return {w: i for i, g in enumerate(self.groups) for w in g.weights}
+    def rebudgeted(self, placement: Placement, sizes: list[int] | None = None, leaf_bytes: int | None = None) -> Plan:
+        """This plan under `placement`'s budget (its groups `sizes` bytes each, when they changed:
+        dequantized payloads): the most bytes resident that fit beside the slots
+        (`choose_resident`); without a budget the groups stay as they are. Below the minimum (every
+        group streamed) is an error that says the minimum."""
+        groups = [replace(g, nbytes=n) for g, n in zip(self.groups, sizes or [g.nbytes for g in self.groups])]
+        if placement.budget is not None:
+            resident = choose_resident([g.nbytes for g in groups], placement.budget - placement.reserve,
+                                       self.streaming.prefetch)  # fmt: skip
+            groups = [replace(g, resident=i in resident) for i, g in enumerate(groups)]
+        plan = replace(self, groups=tuple(groups), placement=placement,
+                       leaf_bytes=self.leaf_bytes if leaf_bytes is None else leaf_bytes)  # fmt: skip
+        if placement.budget is not None and plan.device_bytes + placement.reserve > placement.budget:
+            largest = max((g.nbytes for g in groups), default=0)
+            raise ValueError(
+                f"budget={format_bytes(placement.budget)} is below the minimum for {plan.name}: "
+                f"{format_bytes(plan.minimum_budget)} ({self.streaming.prefetch + 1} streaming slots of its largest "
+                f"group, {format_bytes(largest)}"
+                + (f", plus reserve {format_bytes(placement.reserve)}" if placement.reserve else "")
+                + "). Raise the budget, lower prefetch, or use granularity='leaf' (smaller groups)."
+            )
+        return plan
 
     def table(self, bandwidth: float | None = None) -> str:
         return format_table([self], bandwidth or self.bandwidth)
@@ -151,7 +171,9 @@ def tier_of(group: Group, device: torch.device) -> Tier:
     return group.home
 
 
-def group_weights(model: nn.Module, weights: dict[str, torch.Tensor], granularity: str) -> list[tuple[str, list[str], bool]]:
+def group_weights(
+    model: nn.Module, weights: dict[str, torch.Tensor], granularity: str
+) -> list[tuple[str, list[str], bool]]:
     """(group name, weight names, is a block) for every group, in module order: one group per
     repeated block (granularity="block"), and one per module for the weights of modules outside
     blocks (or for all, granularity="leaf")."""
@@ -196,21 +218,18 @@ def make_plan(
             f"most {len(groups) - 1} are fetched ahead of the one in use, and each one more adds a device slot the "
             f"size of the largest group; use prefetch <= {most}."
         )
-    if placement.budget is not None:
-        resident = choose_resident([g.nbytes for g in groups], placement.budget - placement.reserve, streaming.prefetch)
-    else:
-        resident = set(range(len(groups))) if home == where and not always_fetch else set()
-    groups = [replace(g, resident=i in resident) for i, g in enumerate(groups)]
-    leaf = max((sum(size[n] for n in names) for _, names, _ in group_weights(model, weights, "leaf")), default=0)
-    plan = Plan(placement.device, tuple(groups), storage, streaming, placement, leaf, type(model).__name__)
-    if placement.budget is not None and plan.device_bytes + placement.reserve > placement.budget:
-        raise ValueError(
-            f"budget={format_bytes(placement.budget)} is below the minimum for {plan.name}: "
-            f"{format_bytes(plan.minimum_budget)} ({streaming.prefetch + 1} streaming slots of its largest group, "
-            f"{format_bytes(max(g.nbytes for g in groups))}" + (f", plus reserve {format_bytes(placement.reserve)}" if placement.reserve else "")
-            + "). Raise the budget, lower prefetch, or use granularity='leaf' (smaller groups)."
-        )
-    return plan
+    if placement.budget is None:
+        groups = [replace(g, resident=home == where and not always_fetch) for g in groups]
+    plan = Plan(
+        placement.device, tuple(groups), storage, streaming, placement, leaf_bytes(model, size), type(model).__name__
+    )
+    return plan.rebudgeted(placement) if placement.budget is not None else plan
+
+
+def leaf_bytes(model: nn.Module, size: dict[str, int]) -> int:
+    """S_leaf: the largest module's own weights, with each weight `size[name]` bytes as stored."""
+    groups = group_weights(model, unique_weights(model), "leaf")
+    return max((sum(size[n] for n in names) for _, names, _ in groups), default=0)
 
 
 def choose_resident(sizes: list[int], budget: int, prefetch: int) -> set[int]:
@@ -277,7 +296,13 @@ def format_table(plans: list[Plan], bandwidth: float | None = None, names: list[
             rows.append((f"{label}slots", format_bytes(p.slot_bytes),
                          f"{p.streaming.prefetch + 1} x the largest streamed group"))  # fmt: skip
     device = sum(p.device_bytes for p in plans) + first.placement.reserve
-    rows.append(("on the device", format_bytes(device), "resident weights, slots" + (", reserve" if first.placement.reserve else "")))
+    rows.append(
+        (
+            "on the device",
+            format_bytes(device),
+            "resident weights, slots" + (", reserve" if first.placement.reserve else ""),
+        )
+    )
     rows.append(("pinned host", format_bytes(sum(p.pinned_bytes for p in plans)), "page-locked, at exact size"))
     rows.append(("host RAM", format_bytes(sum(p.host_bytes for p in plans)), "for weights"))
     moved = f"at {bandwidth / 1e9:.1f} GB/s: {per_step / bandwidth:.3f} s" if bandwidth else "bandwidth unknown"
@@ -285,52 +310,6 @@ def format_table(plans: list[Plan], bandwidth: float | None = None, names: list[
     rows.append(("min budget", format_bytes(sum(p.minimum_budget for p in plans)), "every group streamed"))
     width = max(len(r[0]) for r in rows)
     return "\n".join([head] + [f"  {a:<{width}}  {b:>10}   {c}" for a, b, c in rows])
-
-
-def plan(
-    model_or_pipeline,
-    *,
-    budget: int | str | None = None,
-    max_memory: dict | None = None,
-    ram: int | str | None = None,
-    bandwidth: float | str | None = None,
-    device: str | torch.device = "cuda",
-    offload: str | os.PathLike = "cpu",
-    disk_path: str | os.PathLike | None = None,
-    reserve: int | str = 0,
-    storage_dtype: torch.dtype | str | None = None,
-    fp8_scale: str = "channel",
-    prefetch: int = 1,
-    pin_memory: bool = True,
-    granularity: str = "block",
-):
-    """The plan wrap_model_for_offload (or wrap_pipeline_for_offload) would build, without
-    building it, printable as a table. Works on a model on the `meta` device (plan before
-    loading) and for a device this machine does not have (`device="cuda"` is the default).
-
-    Example:
-        >>> from offload_tensor.catalog import meta_model
-        >>> print(offload_tensor.plan(meta_model("flux-dev"), budget="12GiB").table(bandwidth=25e9))
-    """
-    from offload_tensor.policy import placement as make_placement
-
-    budget, ram = budget_and_ram(budget, ram, max_memory, device)
-    # A plan writes no file: the disk tier needs no folder here (wrapping still asks for one).
-    where = make_placement(device, offload, disk_path, budget, reserve=reserve, check_device=False, needs_folder=False)
-    storage, streaming = Storage(storage_dtype, fp8_scale), Streaming(prefetch, pin_memory, granularity)
-    components = integrations.components(model_or_pipeline)
-    if components is None:
-        result = make_plan(model_or_pipeline, storage, streaming, where)
-        plans = [result]
-    else:
-        from offload_tensor.integrations.diffusers import plan_pipeline
-
-        result = plan_pipeline(model_or_pipeline, storage, streaming, where)
-        plans = result.plans
-    if ram is not None:
-        check_ram(sum(p.host_bytes for p in plans), ram, where)
-    rate = parse_bandwidth(bandwidth, "bandwidth") if bandwidth is not None else measured_bandwidth(where)
-    return replace(result, bandwidth=rate)
 
 
 def measured_bandwidth(where: Placement) -> float | None:
@@ -351,30 +330,6 @@ def measured_bandwidth(where: Placement) -> float | None:
     return 4 * host.numel() / (time.perf_counter() - start)
 
 
-def budget_and_ram(budget, ram, max_memory, device) -> tuple[int | None, int | None]:
-    """`budget=` and `ram=`, or accelerate-style `max_memory={"cuda:0": "10GiB", "cpu": "30GiB"}`."""
-    if max_memory is None:
-        return (None if budget is None else parse_bytes(budget, "budget")), (None if ram is None else parse_bytes(ram, "ram"))
-    if budget is not None or ram is not None:
-        raise ValueError("pass max_memory= or budget=/ram=, not both.")
-    if not isinstance(max_memory, dict):
-        raise ValueError(f"max_memory={max_memory!r} must be a dict such as {{'cuda:0': '10GiB', 'cpu': '30GiB'}}.")
-    device = torch.device(device) if not isinstance(device, torch.device) else device
-    budget = ram = None
-    for key, value in max_memory.items():
-        k = f"cuda:{key}" if isinstance(key, int) else str(key)
-        if k == "cpu":
-            ram = parse_bytes(value, "max_memory['cpu']")
-        elif k in ("cuda", f"cuda:{device.index or 0}", str(device)) and device.type == "cuda":
-            budget = parse_bytes(value, f"max_memory[{key!r}]")
-        else:
-            raise ValueError(
-                f"max_memory key {key!r} is not the compute device ({device}) or 'cpu'; offload_tensor computes on one "
-                "device: pass {'cuda:0': ..., 'cpu': ...}."
-            )
-    return budget, ram
-
-
 def check_ram(needed: int, ram: int, placement: Placement) -> None:
     if needed > ram:
         offer = (
@@ -383,6 +338,19 @@ def check_ram(needed: int, ram: int, placement: Placement) -> None:
             else "lower prefetch, or use granularity='leaf'"
         )
         raise ValueError(
-            f"the weights need {format_bytes(needed)} of host RAM (their arenas), more than ram={format_bytes(ram)}; {offer}. "
+            f"the weights need {format_bytes(needed)} of host RAM (their arenas), more than ram={format_bytes(ram)}; "
+            f"{offer}. "
             "(pin_memory=False makes them pageable, which the OS may swap, but needs the same RAM.)"
         )
+
+
+def available_ram() -> int:
+    """Memory the OS can give without swapping (MemAvailable), or the physical memory."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

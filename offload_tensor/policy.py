@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -115,52 +115,151 @@ class Streaming:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the model computes (`device`) and where weights live between uses: `offload="cpu"`
-    (host RAM) or `"disk"` (files under `disk_path`). `budget`: bytes the weights may take where
-    the model computes, resident groups and the streaming slots together, of which `reserve` is
-    kept free (for activations); None: nothing resident on a GPU, everything resident in RAM."""
+    """Where the model computes (`device`: "cuda", "cuda:N", "cpu", or None for CUDA when there is
+    one) and where weights live between uses: `offload="cpu"` (host RAM) or `"disk"` (files under
+    `disk_path`; a folder given as `offload` means the same). `budget`: bytes the weights may take
+    where the model computes, resident groups and the streaming slots together, of which `reserve`
+    is kept free (for activations); None: nothing resident on a GPU, everything resident in RAM.
+    Sizes may be strings ("12GiB"). Validated when built; the device is resolved when a wrap (or a
+    plan) uses it (`resolved`)."""
 
-    device: torch.device
+    device: torch.device | str | None = None
     offload: str = "cpu"
     disk_path: Path | None = None
     budget: int | None = None
     reserve: int = 0
 
+    def __post_init__(self) -> None:
+        offload, disk_path = self.offload, self.disk_path
+        if isinstance(offload, torch.device):
+            offload = str(offload)
+        if isinstance(offload, os.PathLike) or (
+            isinstance(offload, str)
+            and offload not in ("cpu", "disk")
+            and (os.sep in offload or os.path.isdir(offload))
+        ):
+            if disk_path is not None and Path(disk_path) != Path(offload):
+                raise ValueError(f"offload={os.fspath(offload)!r} and disk_path={os.fspath(disk_path)!r} name two "
+                                 "folders; pass one.")  # fmt: skip
+            offload, disk_path = "disk", offload
+        if offload not in ("cpu", "disk"):
+            raise ValueError(f"offload={offload!r} is not understood; use 'cpu' (host RAM), 'disk' (with disk_path=), "
+                             "or a folder.")  # fmt: skip
+        if offload == "disk" and disk_path is not None:
+            disk_path = Path(disk_path)
+            if disk_path.exists() and not disk_path.is_dir():
+                raise ValueError(f"disk_path={os.fspath(disk_path)!r} is a file; pass a folder (created if missing).")
+        elif disk_path is not None:
+            raise ValueError(
+                f"disk_path={os.fspath(disk_path)!r} is given but offload={offload!r}; pass offload='disk'."
+            )
+        budget = None if self.budget is None else parse_bytes(self.budget, "budget")
+        reserve = parse_bytes(self.reserve, "reserve")
+        if budget is None and reserve:
+            raise ValueError(f"reserve={reserve} applies within a budget; pass budget= too.")
+        device = None if self.device is None else _planned_device(self.device)
+        for name, value in (("device", device), ("offload", offload), ("disk_path", disk_path), ("budget", budget),
+                            ("reserve", reserve)):  # fmt: skip
+            object.__setattr__(self, name, value)
+
+    def resolved(self, *, for_plan: bool = False) -> Placement:
+        """This placement on a concrete device: CUDA when there is one (a plan: CUDA, which this
+        machine may lack), else the CPU; a wrap also needs the disk tier's folder."""
+        if not for_plan and self.offload == "disk" and self.disk_path is None:
+            raise ValueError("offload='disk' needs disk_path=: the folder where the weights are written.")
+        device = (
+            _planned_device(self.device if self.device is not None else "cuda")
+            if for_plan
+            else compute_device(self.device)
+        )
+        return replace(self, device=device)
+
     @property
     def resident_tier(self) -> Tier:
         return Tier.GPU if self.device.type == "cuda" else Tier.RAM
 
+    def check_has_a_tier(self) -> None:
+        """A budget needs somewhere to stream from: computing on the CPU from RAM, every weight is
+        where the model computes already."""
+        if self.budget is not None and self.device.type == "cpu" and self.offload == "cpu":
+            raise ValueError(
+                "budget= limits what stays where the model computes, but computing on the CPU with offload='cpu' "
+                "every weight is there already; to keep part of the model on disk, pass offload='disk' (disk_path=...)."
+            )
 
-def placement(device, offload, disk_path, budget=None, reserve=0, check_device: bool = True,
-              needs_folder: bool = True) -> Placement:  # fmt: skip
-    """The placement for the arguments of wrap_model_for_offload (validated; resolves `device`).
-    `check_device=False`: a plan for a device this machine may not have. `needs_folder=False`:
-    a plan, which writes no file, so offload='disk' may come without disk_path (a disk_path that
-    is given is still checked)."""
-    compute = compute_device(device) if check_device else _planned_device(device)
-    if isinstance(offload, torch.device):
-        offload = str(offload)
-    if isinstance(offload, os.PathLike) or (
-        isinstance(offload, str) and offload not in ("cpu", "disk") and (os.sep in offload or os.path.isdir(offload))
-    ):
-        if disk_path is not None and Path(disk_path) != Path(offload):
-            raise ValueError(f"offload={os.fspath(offload)!r} and disk_path={os.fspath(disk_path)!r} name two folders; pass one.")
-        offload, disk_path = "disk", offload
-    if offload not in ("cpu", "disk"):
-        raise ValueError(f"offload={offload!r} is not understood; use 'cpu' (host RAM), 'disk' (with disk_path=), or a folder.")
-    if offload == "disk":
-        if disk_path is None and needs_folder:
-            raise ValueError("offload='disk' needs disk_path=: the folder where the weights are written.")
-        disk_path = None if disk_path is None else Path(disk_path)
-        if disk_path is not None and disk_path.exists() and not disk_path.is_dir():
-            raise ValueError(f"disk_path={os.fspath(disk_path)!r} is a file; pass a folder (created if missing).")
-    elif disk_path is not None:
-        raise ValueError(f"disk_path={os.fspath(disk_path)!r} is given but offload={offload!r}; pass offload='disk'.")
-    budget = None if budget is None else parse_bytes(budget, "budget")
-    reserve = parse_bytes(reserve, "reserve")
-    if budget is None and reserve:
-        raise ValueError(f"reserve={reserve} applies within a budget; pass budget= too.")
-    return Placement(compute, offload, disk_path, budget, reserve)
+
+# The keyword arguments of wrap_model_for_offload, plan and the pipeline functions, by the policy
+# they build and the policy's field; their defaults are the policies' own.
+KEYWORDS = {
+    Storage: {"storage_dtype": "dtype", "fp8_scale": "scale"},
+    Streaming: {"prefetch": "prefetch", "pin_memory": "pin_memory", "granularity": "granularity"},
+    Placement: {"device": "device", "offload": "offload", "disk_path": "disk_path", "budget": "budget",
+                "reserve": "reserve"},
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a wrap or a plan was asked for: the three policies (the placement on a resolved
+    device) and the host RAM the weights may take (`ram`: None, this machine's)."""
+
+    storage: Storage
+    streaming: Streaming
+    placement: Placement
+    ram: int | None = None
+
+
+def settings(*, storage: Storage | None = None, streaming: Streaming | None = None, placement: Placement | None = None,
+             max_memory: dict | None = None, ram=None, for_plan: bool = False, **keywords) -> Settings:  # fmt: skip
+    """The one place where the keyword arguments users know become policies: each policy is the
+    object given (`storage=Storage(...)`, as FSDP2 takes its policies), or built from its keywords
+    (None: the policy's default). A policy given both ways is an error; so is an unknown keyword.
+    `max_memory` is accelerate's form of `budget` and `ram`."""
+    known = {k for names in KEYWORDS.values() for k in names}
+    unknown = sorted(keywords.keys() - known)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; the settings are {sorted(known)}.")
+    given = {k: v for k, v in keywords.items() if v is not None}
+    if max_memory is not None:
+        if "budget" in given or ram is not None:
+            raise ValueError("pass max_memory= or budget=/ram=, not both.")
+        device = given.get("device", placement.device if placement is not None else None)
+        planned = _planned_device(device if device is not None else "cuda") if for_plan else compute_device(device)
+        budget, ram = _max_memory(max_memory, planned)
+        if budget is not None:
+            given["budget"] = budget
+    policies = {}
+    for cls, value in ((Storage, storage), (Streaming, streaming), (Placement, placement)):
+        names = KEYWORDS[cls]
+        if value is None:
+            value = cls(**{field: given[k] for k, field in names.items() if k in given})
+        elif not isinstance(value, cls):
+            raise TypeError(f"{cls.__name__.lower()}={value!r} must be an offload_tensor.{cls.__name__}.")
+        elif any(k in given for k in names):
+            both = [k for k in names if k in given]
+            raise ValueError(f"pass {cls.__name__.lower()}= or {'/'.join(both)}=, not both.")
+        policies[cls] = value
+    ram = None if ram is None else parse_bytes(ram, "ram")
+    return Settings(policies[Storage], policies[Streaming], policies[Placement].resolved(for_plan=for_plan), ram)
+
+
+def _max_memory(max_memory, device: torch.device) -> tuple[int | None, int | None]:
+    """accelerate-style `max_memory={"cuda:0": "10GiB", "cpu": "30GiB"}`: (budget, ram)."""
+    if not isinstance(max_memory, dict):
+        raise ValueError(f"max_memory={max_memory!r} must be a dict such as {{'cuda:0': '10GiB', 'cpu': '30GiB'}}.")
+    budget = ram = None
+    for key, value in max_memory.items():
+        k = f"cuda:{key}" if isinstance(key, int) else str(key)
+        if k == "cpu":
+            ram = parse_bytes(value, "max_memory['cpu']")
+        elif k in ("cuda", f"cuda:{device.index or 0}", str(device)) and device.type == "cuda":
+            budget = parse_bytes(value, f"max_memory[{key!r}]")
+        else:
+            raise ValueError(
+                f"max_memory key {key!r} is not the compute device ({device}) or 'cpu'; offload_tensor computes on one "
+                "device: pass {'cuda:0': ..., 'cpu': ...}."
+            )
+    return budget, ram
 
 
 def _planned_device(device) -> torch.device:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from offload_tensor import integrations
 from offload_tensor.planner import format_bytes
 from offload_tensor.policy import Tier
+from offload_tensor.state import is_wrapped, offload_state
 from offload_tensor.tensor import OffloadedTensor
-from offload_tensor.wrap import offload_state
 
 
 @dataclass(frozen=True)
@@ -110,15 +111,13 @@ def offload_report(model):
         >>> print(offload_report(wrap_model_for_offload(model)).summary)
         all 45.8 MiB of weights stream from ram to cuda:0
     """
-    from offload_tensor import integrations
-    from offload_tensor.wrap import is_wrapped
-
     parts = integrations.components(model)
     if parts is not None:
         wrapped = {name: offload_report(c) for name, c in parts.items() if is_wrapped(c)}
         if not wrapped:
             raise ValueError(
-                f"offload_report: no component of {type(model).__name__} is wrapped; call wrap_pipeline_for_offload(pipe) first."
+                f"offload_report: no component of {type(model).__name__} is wrapped; call "
+                "wrap_pipeline_for_offload(pipe) first."
             )
         return PipelineReport(wrapped, _total(list(wrapped.values())))
     state = offload_state(model, "offload_report")
@@ -151,14 +150,13 @@ def offload_report(model):
         by_device[str(buf.device)] += nbytes
         by_kind["buffer"] += nbytes
         resident += nbytes
-    backend = getattr(state.engine, "backend", None)
     return OffloadReport(
         compute_device=compute,
         by_tier=dict(by_tier),
         by_kind=dict(by_kind),
         resident_bytes=resident,
         offloaded_bytes=offloaded,
-        pinned_bytes=getattr(backend, "pinned_bytes", 0),
+        pinned_bytes=state.engine.pinned_bytes,
         streamed_per_step=state.plan.streamed_bytes,
         by_device=dict(by_device),
         offloaded_by_tier=dict(offloaded_by_tier),

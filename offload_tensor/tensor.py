@@ -22,11 +22,12 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from compile_rules.table import (
     TORCH_FUNCTION_RULES,
+    TRACED_VIEWS,
     Offloaded,
     RefusedOpError,
-    TRACED_VIEWS,
     aten_rule,
     check_traced_writes,
+    is_jit_tracing,
     refuse_jit_trace,
 )
 from offload_tensor import ops
@@ -162,7 +163,7 @@ class OffloadedTensor(Offloaded):
         if self._view is not None:
             weight, steps = self._view
             return _apply_view(weight.materialize(after), steps)
-        if torch._C._is_tracing():
+        if is_jit_tracing():
             refuse_jit_trace()
         if TRACED_VIEWS and torch.compiler.is_compiling():
             check_traced_writes()  # see [Note: writes through traced views]

@@ -113,7 +113,8 @@ def tiny_flux_pipeline():
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
                         norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, shift_factor=0.0609, scaling_factor=1.5035).eval()  # fmt: skip
+                        up_block_types=("UpDecoderBlock2D",) * 2, shift_factor=0.0609,
+                        scaling_factor=1.5035).eval()  # fmt: skip
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,

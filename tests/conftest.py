@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import offload_tensor.ops as ops  # noqa: E402
+import offload_tensor.ops as ops
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +34,9 @@ def tmpfs(tmp_path):
     def mount(size: str) -> Path:
         folder = tmp_path / f"tmpfs{len(mounted)}"
         folder.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode:
+        if subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+        ).returncode:
             pytest.skip("mounting a tmpfs is not allowed here (needs root)")
         mounted.append(folder)
         return folder

@@ -159,7 +159,9 @@ def engine_for(name: str):
     from offload_tensor.engine.fake import FakeBackend
     from offload_tensor.engine.streaming import StreamingEngine
 
-    return {"zero-copy": lambda: None, "sync": SynchronousEngine, "streaming": lambda: StreamingEngine(FakeBackend())}[name]()
+    return {"zero-copy": lambda: None, "sync": SynchronousEngine, "streaming": lambda: StreamingEngine(FakeBackend())}[
+        name
+    ]()
 
 
 ENGINE_NAMES = ("zero-copy", "sync", "streaming")

@@ -7,10 +7,10 @@ the budget changes once a resident and a streamed block of each kind have run.""
 
 import pytest
 import torch
+from models import CASES, output
 from torch._dynamo.utils import counters
 
 import compile_rules
-from models import CASES, output
 from offload_tensor import offload_report, set_budget, wrap_model_for_offload
 from offload_tensor.engine.fake import FakeBackend
 from offload_tensor.engine.streaming import StreamingEngine

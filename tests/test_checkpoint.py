@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import init_empty_weights
+from models import CASES, minilm_path, output
 from safetensors.torch import load_file, save_file
 
 import compile_rules
-from models import CASES, minilm_path, output
 from offload_tensor import is_wrapped, offload_report, unwrap_model, wrap_model_for_offload
 from offload_tensor.checkpoint import CheckpointError
 
@@ -93,7 +93,9 @@ def test_loaded_model_compiles_like_the_plain_one(case, mode, tier, checkpoints,
 
 
 def test_fp8_storage_applies_while_loading(checkpoints):
-    loaded = wrap_model_for_offload(meta_like(FLUX), checkpoint=checkpoints["flux"]["sharded"], storage_dtype=torch.float8_e4m3fn)
+    loaded = wrap_model_for_offload(
+        meta_like(FLUX), checkpoint=checkpoints["flux"]["sharded"], storage_dtype=torch.float8_e4m3fn
+    )
     wrapped = wrap_model_for_offload(FLUX.make(), storage_dtype=torch.float8_e4m3fn)
     for (name, a), b in zip(loaded.named_parameters(), wrapped.parameters()):
         assert a._kind == b._kind and all(torch.equal(x, y) for x, y in zip(a._inner, b._inner)), name
@@ -110,7 +112,10 @@ def _edited(source: Path, target: Path, edit) -> Path:
 BAD_CHECKPOINTS = {
     "missing": (lambda t: t.pop("proj_out.weight"), "missing key proj_out.weight"),
     "unexpected": (lambda t: t.__setitem__("extra.weight", torch.zeros(2)), "unexpected key extra.weight"),
-    "shape": (lambda t: t.__setitem__("proj_out.weight", torch.zeros(3, 3)), r"proj_out.weight: the checkpoint has \(3, 3\)"),
+    "shape": (
+        lambda t: t.__setitem__("proj_out.weight", torch.zeros(3, 3)),
+        r"proj_out.weight: the checkpoint has \(3, 3\)",
+    ),
     "dtype": (lambda t: t.__setitem__("proj_out.bias", t["proj_out.bias"].double()), r"proj_out.bias: .*torch.float64"),
 }
 
@@ -190,8 +195,19 @@ def test_two_processes_wrap_from_the_same_folder(checkpoints, tmp_path):
     folder.mkdir()
     tests = str(Path(__file__).parent)
     procs = [
-        subprocess.Popen([sys.executable, "-c", _WRAP_FROM_SHARED_FOLDER, str(checkpoints["flux"]["sharded"]), str(folder), tests, str(i)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _WRAP_FROM_SHARED_FOLDER,
+                str(checkpoints["flux"]["sharded"]),
+                str(folder),
+                tests,
+                str(i),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
         for i in range(2)
     ]
     for p in procs:
@@ -263,7 +279,9 @@ def test_from_pretrained_builds_on_meta_and_loads_in_the_checkpoints_dtypes(tmp_
     with torch.no_grad():
         plain.norm_out.linear.weight.data = plain.norm_out.linear.weight.float()  # a weight kept in fp32
     plain.save_pretrained(tmp_path / "pipe" / "transformer")
-    model = from_pretrained(FluxTransformer2DModel, tmp_path / "pipe", subfolder="transformer", offload=tmp_path / "disk")
+    model = from_pretrained(
+        FluxTransformer2DModel, tmp_path / "pipe", subfolder="transformer", offload=tmp_path / "disk"
+    )
     assert model.norm_out.linear.weight.dtype == torch.float32 and model.proj_out.weight.dtype == torch.bfloat16
     for (name, a), b in zip(model.named_parameters(), plain.parameters()):
         assert torch.equal(a.materialize(), b), name

@@ -9,7 +9,9 @@ import pytest
 
 
 def cli(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "offload_tensor", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "offload_tensor", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_help_and_version_are_fast_and_import_no_torch():
@@ -33,7 +35,17 @@ def test_help_and_version_are_fast_and_import_no_torch():
 def test_plan_of_a_known_model_and_of_a_config_file(tmp_path):
     done = cli("plan", "--model", "flux-dev", "--budget", "12GiB", "--ram", "32GiB", "--bandwidth", "25GB")
     assert done.returncode == 0, done.stderr
-    for term in ("S_total", "S_block", "S_leaf", "resident", "streamed", "pinned host", "per step", "min budget", "25.0 GB/s"):
+    for term in (
+        "S_total",
+        "S_block",
+        "S_leaf",
+        "resident",
+        "streamed",
+        "pinned host",
+        "per step",
+        "min budget",
+        "25.0 GB/s",
+    ):
         assert term in done.stdout, term
     import json
 

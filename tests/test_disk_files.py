@@ -8,12 +8,12 @@ import gc
 
 import pytest
 import torch
-
 from models import CASES
-from offload_tensor import set_budget, unwrap_model, wrap_model_for_offload
-from offload_tensor.checkpoint import CheckpointError
 from test_checkpoint import meta_like
 from test_checkpoint import run as run_case
+
+from offload_tensor import set_budget, unwrap_model, wrap_model_for_offload
+from offload_tensor.checkpoint import CheckpointError
 
 FLUX = CASES[0]
 
@@ -53,7 +53,9 @@ def test_two_models_from_memory_into_one_folder_keep_their_own_weights(tmp_path)
 def test_a_write_never_reaches_a_checkpoint_cache(checkpoint, tmp_path):
     plain = FLUX.make()
     expected = run(plain)
-    a, b = (wrap_model_for_offload(meta_like(FLUX), checkpoint=checkpoint, offload="disk", disk_path=tmp_path) for _ in "ab")
+    a, b = (
+        wrap_model_for_offload(meta_like(FLUX), checkpoint=checkpoint, offload="disk", disk_path=tmp_path) for _ in "ab"
+    )
     cache = {f: f.read_bytes() for f in tmp_path.glob("*.safetensors")}
     run(a)  # slots hold the checkpoint's values
     a.load_state_dict(halved(plain))
@@ -74,7 +76,9 @@ def test_a_write_never_reaches_a_checkpoint_cache(checkpoint, tmp_path):
 def test_writes_to_resident_groups_survive_set_budget(source, checkpoint, tmp_path):
     plain = FLUX.make()
     if source == "memory":
-        model = wrap_model_for_offload(FLUX.make(), device="cpu", offload="disk", disk_path=tmp_path / "d", budget="1GiB")
+        model = wrap_model_for_offload(
+            FLUX.make(), device="cpu", offload="disk", disk_path=tmp_path / "d", budget="1GiB"
+        )
     else:
         model = wrap_model_for_offload(meta_like(FLUX), checkpoint=checkpoint, device="cpu", offload="disk",
                                        disk_path=tmp_path / "d", budget="1GiB")  # fmt: skip

@@ -11,11 +11,11 @@ independent weights add up; on the tiny Flux the output stays within 6 dB of the
 
 import pytest
 import torch
+from conftest import sqnr_db
+from models import CASES, output
 from torch import nn
 
 import compile_rules
-from conftest import sqnr_db
-from models import CASES, output
 from offload_tensor import OffloadedTensor, offload_report, plan, wrap_model_for_offload
 
 FORMAT_SQNR_DB = {torch.float8_e4m3fn: 28.9, torch.float8_e5m2: 22.8}
@@ -52,7 +52,9 @@ def test_payload_is_half_of_bf16_and_dtype_is_unchanged():
     assert report.by_kind["plain"] == vector_bf16
     assert report.by_kind["fp8"] + report.by_kind["plain"] > 0.5 * bf16_bytes  # tiny dims: scales show
     # At a real width the fp32 scales vanish: a 1024x1024 bf16 matrix stores in 0.502x its bytes.
-    big = wrap_model_for_offload(nn.Linear(1024, 1024, bias=False).to(torch.bfloat16), storage_dtype=torch.float8_e4m3fn)
+    big = wrap_model_for_offload(
+        nn.Linear(1024, 1024, bias=False).to(torch.bfloat16), storage_dtype=torch.float8_e4m3fn
+    )
     assert offload_report(big).by_kind["fp8"] == 1024 * 1024 + 1024 * 4 <= 0.502 * 1024 * 1024 * 2
 
 

@@ -3,9 +3,9 @@ same code runs on the CPU in the other tests through a copying engine."""
 
 import pytest
 import torch
+from models import CASES, output
 
 import compile_rules
-from models import CASES, output
 from offload_tensor import offload_report, wrap_model_for_offload
 
 pytestmark = [

@@ -6,9 +6,9 @@ clear error, never a trace that bakes the weights in)."""
 import numpy as np
 import pytest
 import torch
+from models import CASES, output
 from torch import nn
 
-from models import CASES, output
 from offload_tensor import RefusedOpError, unwrap_model, wrap_model_for_offload
 from offload_tensor.testing import RecordingEngine
 
@@ -205,9 +205,13 @@ def test_as_strided_with_an_offset_writes_and_reads_the_weight_itself(home, tmp_
         model(ids)
         for m in (plain, model):
             m[1].bias.as_strided((2,), (1,), 1).copy_(torch.tensor([7.0, 8.0]))
-        assert torch.equal(model[1].bias.as_strided((3,), (2,), 1).materialize(), plain[1].bias.as_strided((3,), (2,), 1))
+        assert torch.equal(
+            model[1].bias.as_strided((3,), (2,), 1).materialize(), plain[1].bias.as_strided((3,), (2,), 1)
+        )
         assert torch.equal(model(ids), plain(ids))
-    assert all(torch.equal(a, b) for a, b in zip(unwrap_model(model).state_dict().values(), plain.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(unwrap_model(model).state_dict().values(), plain.state_dict().values())
+    )
 
 
 @pytest.mark.parametrize("home", HOMES)
@@ -232,7 +236,10 @@ def test_foreach_and_multi_output_out_writes_return_what_torch_returns(home, tmp
         for m in (plain, model):
             torch._foreach_mul_([m[1].weight], 2.0)
             torch._foreach_lerp_([m[3].weight], [torch.ones(4, 8)], 0.5)  # an EMA update
-            values, indices = torch.sort(torch.randn(4, generator=torch.Generator().manual_seed(0)), out=(m[3].bias, torch.empty(4, dtype=torch.long)))
+            values, indices = torch.sort(
+                torch.randn(4, generator=torch.Generator().manual_seed(0)),
+                out=(m[3].bias, torch.empty(4, dtype=torch.long)),
+            )
             assert values is m[3].bias and indices.dtype == torch.long
         assert torch.equal(model(torch.tensor([[1, 2]])), plain(torch.tensor([[1, 2]])))
 
@@ -274,7 +281,11 @@ def test_state_dict_keep_vars_hands_out_the_parameters_whose_writes_land(home, t
     """accelerate- and peft-style tooling collects weights with state_dict(keep_vars=True) and
     writes through them: they are the parameters themselves (a copy lost the write)."""
     plain = small()
-    model = wrap_model_for_offload(small(), storage_dtype=torch.float8_e4m3fn) if home == "fp8" else wrap_home(small(), home, tmp_path)
+    model = (
+        wrap_model_for_offload(small(), storage_dtype=torch.float8_e4m3fn)
+        if home == "fp8"
+        else wrap_home(small(), home, tmp_path)
+    )
     state = model.state_dict(keep_vars=True)
     assert all(state[n] is p for n, p in model.named_parameters())
     ids = torch.tensor([[1, 2, 3]])
@@ -283,7 +294,10 @@ def test_state_dict_keep_vars_hands_out_the_parameters_whose_writes_land(home, t
             with pytest.raises(RefusedOpError):
                 state["1.weight"].mul_(2)
             state["1.weight"].copy_(model[1].weight.materialize() * 2)  # fp8 values doubled: exact
-            assert torch.equal(model[1].weight.materialize(), wrap_model_for_offload(small(), storage_dtype=torch.float8_e4m3fn)[1].weight.materialize() * 2)
+            assert torch.equal(
+                model[1].weight.materialize(),
+                wrap_model_for_offload(small(), storage_dtype=torch.float8_e4m3fn)[1].weight.materialize() * 2,
+            )
             return
         model(ids)  # slots hold the old values
         for m in (plain, model):
@@ -323,23 +337,48 @@ def test_channels_last_after_wrapping_warns_and_keeps_outputs():
         assert torch.equal(wrapped(x), before(x))
 
 
-def test_fuse_qkv_projections_after_wrapping_is_refused_and_before_is_offloaded():
-    """Fusing after the wrap built plain fused weights outside the budget, silently."""
+@pytest.mark.parametrize("home", ["zero-copy", "sync", "streaming", "disk", "fp8"])
+def test_fuse_qkv_projections_after_wrapping_offloads_the_fused_weights(home, tmp_path):
+    """diffusers builds fused projections (torch.cat of the weights) as plain parameters: they
+    were left outside the offload and the budget, silently. They are offloaded like the others
+    (in fp8 where the model's storage says so), unfusing lets go of them, and outputs are the
+    plain model's, fused and unfused."""
     from offload_tensor import OffloadedTensor, offload_report
 
+    def run(model):
+        with torch.no_grad():
+            return output(model(**FLUX.inputs(0)))
+
     plain = FLUX.make()
-    with torch.no_grad():
-        expected = output(plain(**FLUX.inputs(0)))
-    model = wrap_model_for_offload(FLUX.make(), engine=RecordingEngine())
-    names = [n for n, _ in model.named_parameters()]
-    for fuse in (model.fuse_qkv_projections, model.transformer_blocks[0].attn.fuse_projections):
-        with pytest.raises(RefusedOpError, match="Fuse before wrap_model_for_offload"):
-            fuse()
-    assert [n for n, _ in model.named_parameters()] == names  # nothing fused, nothing added
-    unwrap_model(model)
-    model.fuse_qkv_projections()  # before wrapping: the fused weights are offloaded like the others
-    wrap_model_for_offload(model, engine=RecordingEngine())
+    if home == "fp8":
+        model = wrap_model_for_offload(FLUX.make(), storage_dtype=torch.float8_e4m3fn, engine=RecordingEngine())
+        reference = lambda: wrap_model_for_offload(  # noqa: E731 - the same model fused before wrapping
+            _fused(FLUX.make()), storage_dtype=torch.float8_e4m3fn, engine=RecordingEngine())
+    else:
+        model = wrap_home(FLUX.make(), home, tmp_path / "a")
+        reference = lambda: _fused(FLUX.make())  # noqa: E731
+    before = offload_report(model).by_kind
+    model.fuse_qkv_projections()
+    assert model.transformer_blocks[0].attn.fused_projections
     assert all(isinstance(p, OffloadedTensor) for p in model.parameters())
     assert "unwrapped" not in offload_report(model).by_kind
-    with torch.no_grad():
-        torch.testing.assert_close(output(model(**FLUX.inputs(0))), expected, atol=1e-5, rtol=0)
+    assert sum(offload_report(model).by_kind.values()) > sum(before.values())  # the fused weights are counted
+    assert torch.equal(run(model), run(reference()))
+    model.unfuse_qkv_projections()
+    assert not hasattr(model.transformer_blocks[0].attn, "to_qkv")
+    assert offload_report(model).by_kind == before and sum(g.nbytes for g in model._offload_state.plan.groups) == sum(
+        g.nbytes for g in wrap_home(FLUX.make(), "sync", tmp_path)._offload_state.plan.groups
+    ) or home == "fp8"
+    fp8 = home == "fp8"
+    expected = run(wrap_model_for_offload(FLUX.make(), storage_dtype=torch.float8_e4m3fn) if fp8 else plain)
+    assert torch.equal(run(model), expected)
+    model.fuse_qkv_projections()
+    unwrap_model(model)
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    if home != "fp8":
+        assert torch.equal(run(model), run(reference()))
+
+
+def _fused(model):
+    model.fuse_qkv_projections()
+    return model

@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-
 from models import CASES, ENGINE_NAMES, engine_for, output
+
 from offload_tensor import OffloadedTensor, RefusedOpError, wrap_model_for_offload
 
 peft = pytest.importorskip("peft")

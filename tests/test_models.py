@@ -3,10 +3,10 @@ breaks and no more graphs than the plain model (docs/design.md, "Counting graphs
 
 import pytest
 import torch
+from models import CASES, output
 from torch import nn
 
 import compile_rules
-from models import CASES, output
 from offload_tensor import offload_report, wrap_model_for_offload
 from offload_tensor.testing import RecordingEngine
 

@@ -4,6 +4,7 @@ all components; offload_report(pipe); other offloaders refused; unwrap_pipeline.
 
 import pytest
 import torch
+from pipelines import flux_call, tiny_flux_pipeline, tiny_wan_pipeline, wan_call
 
 from offload_tensor import (
     RefusedOpError,
@@ -14,7 +15,6 @@ from offload_tensor import (
     wrap_model_for_offload,
     wrap_pipeline_for_offload,
 )
-from pipelines import flux_call, tiny_flux_pipeline, tiny_wan_pipeline, wan_call
 
 FAMILIES = {"flux": (tiny_flux_pipeline, flux_call), "wan": (tiny_wan_pipeline, wan_call)}
 
@@ -113,7 +113,7 @@ def test_storage_dtype_by_name_reaches_every_component():
 
 
 def test_a_failure_midway_unwraps_what_was_wrapped(monkeypatch, expected):
-    import offload_tensor.wrap as wrap
+    import offload_tensor.pipeline as wrap  # where the pipeline calls wrap_model_for_offload from
 
     make, call = FAMILIES["flux"]
     pipe = make()

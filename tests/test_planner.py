@@ -8,8 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from models import CASES
+
 from offload_tensor import plan
 from offload_tensor.catalog import PUBLISHED_BF16_BYTES, meta_model
 from offload_tensor.planner import choose_resident

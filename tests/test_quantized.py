@@ -7,14 +7,14 @@ import warnings
 
 import pytest
 import torch
+from models import CASES, engine_for, output
 from torch import nn
 
 import compile_rules
-from models import CASES, engine_for, output
 from offload_tensor import OffloadedTensor, offload_report, unwrap_model, wrap_model_for_offload
-from offload_tensor.testing import RecordingEngine
 from offload_tensor.engine.fake import FakeBackend
 from offload_tensor.engine.streaming import StreamingEngine
+from offload_tensor.testing import RecordingEngine
 
 torchao = pytest.importorskip("torchao")
 quanto = pytest.importorskip("optimum.quanto")
@@ -364,15 +364,43 @@ def test_dequantize_really_dequantizes_the_payloads(flux_checkpoint, engine):
     assert torch.equal(run(unwrap_model(model)), expected)
 
 
-def test_dequantize_of_a_streamed_model_is_a_clear_error_and_changes_nothing(flux_checkpoint):
+@pytest.mark.parametrize("home", ["streaming", "disk", "disk-budget"])
+def test_dequantize_of_a_streamed_model_gives_its_groups_new_homes(flux_checkpoint, home, tmp_path):
+    """diffusers' own dequantize test on a streamed model (it was refused): the dequantized payloads
+    get new homes of the same tier (host arenas, files of the model's own), the budget is kept."""
     from diffusers import TorchAoConfig
 
-    model = from_pretrained(flux_checkpoint, TorchAoConfig(Int8WeightOnlyConfig()), torch_dtype=torch.float32)
-    wrap_model_for_offload(model, engine=StreamingEngine(FakeBackend()))
-    expected = run(model)
-    with pytest.raises(RuntimeError, match=r"unwrap_model\(model\), model.dequantize\(\)"):
-        model.dequantize()
-    assert model.is_quantized and torch.equal(run(model), expected)
+    config = lambda: TorchAoConfig(Int8WeightOnlyConfig())  # noqa: E731
+    plain = from_pretrained(flux_checkpoint, config(), torch_dtype=torch.float32)
+    plain.dequantize()
+    expected = run(plain)
+    model = from_pretrained(flux_checkpoint, config(), torch_dtype=torch.float32)
+    if home == "streaming":
+        wrap_model_for_offload(model, engine=StreamingEngine(FakeBackend()))
+    else:
+        budget = {"budget": "400KiB", "device": "cpu"} if home == "disk-budget" else {}
+        wrap_model_for_offload(model, offload=tmp_path / "disk", **budget)
+    files = {p: p.read_bytes() for p in (tmp_path / "disk").glob("*.safetensors")}
+    quantized = run(model)
+    assert not torch.equal(quantized, expected)
+    model.dequantize()
+    assert not model.is_quantized and {p._kind.name for p in model.parameters()} == {"plain"}
+    assert torch.equal(run(model), expected)
+    state = model._offload_state
+    assert state.plan.weight_bytes == sum(p.numel() * p.element_size() for p in plain.parameters())
+    if home == "disk-budget":  # the quantized model fitted whole; the dequantized one streams a part, within it
+        assert 0 < state.plan.resident_bytes and 0 < state.plan.streamed_bytes
+        assert state.plan.device_bytes <= 400 * 1024
+    import gc
+
+    gc.collect()
+    # the changed groups' old files (the model's own: written from memory) went with their groups; no file was
+    # written into, none is left over
+    assert all(not p.exists() or p.read_bytes() == b for p, b in files.items())
+    if home != "streaming":
+        assert any(not p.exists() for p in files)
+        assert len(list((tmp_path / "disk").glob("*.safetensors"))) == len(state.plan.groups)
+    assert torch.equal(run(unwrap_model(model)), expected)
 
 
 @pytest.mark.parametrize("engine", ["zero-copy", "sync"])
@@ -386,7 +414,9 @@ def test_dequantize_of_a_quanto_model_raises_as_diffusers_does_and_changes_nothi
     expected, plain_state = run(plain), plain.state_dict()
     with pytest.raises(NotImplementedError, match="has no implementation of `dequantize`") as plain_error:
         plain.dequantize()
-    model = wrap_model_for_offload(from_pretrained(flux_checkpoint, QuantoConfig(weights_dtype="int8")), engine=engine_for(engine))
+    model = wrap_model_for_offload(
+        from_pretrained(flux_checkpoint, QuantoConfig(weights_dtype="int8")), engine=engine_for(engine)
+    )
     with pytest.raises(NotImplementedError) as error:
         model.dequantize()
     assert str(error.value) == str(plain_error.value)

@@ -3,12 +3,12 @@
 from dataclasses import replace
 
 import torch
-
 from models import CASES
+
 from offload_tensor import offload_report, plan, wrap_model_for_offload
 from offload_tensor.catalog import meta_model
 from offload_tensor.planner import format_bytes, tier_of
-from offload_tensor.policy import Tier, placement
+from offload_tensor.policy import Placement, Tier
 
 FLUX = CASES[0]
 
@@ -16,7 +16,7 @@ FLUX = CASES[0]
 def test_plan_and_placement_name_the_tiers_alike_on_cuda():
     """Planned for CUDA (no GPU needed): resident groups are on the "gpu" tier in the placement,
     in tier_of, and in bytes_in."""
-    assert placement("cuda", "cpu", None, check_device=False).resident_tier is Tier.GPU
+    assert Placement("cuda").resolved(for_plan=True).resident_tier is Tier.GPU
     model = meta_model("flux-tiny")
     probe = plan(model, device="cuda")
     p = plan(model, device="cuda", budget=probe.minimum_budget + probe.weight_bytes // 3)

@@ -7,11 +7,11 @@ from torch import nn
 from compile_rules import FetchStats
 from offload_tensor import OffloadedTensor, wrap_model_for_offload
 from offload_tensor.ops import new_key
+from offload_tensor.payloads import PLAIN, Float8, Plain
 from offload_tensor.testing import RecordingEngine
-from offload_tensor.payloads import Float8, Plain
 
 
-def _wrapped(weight, kind=Plain(), fetches=True):
+def _wrapped(weight, kind=PLAIN, fetches=True):
     return OffloadedTensor(kind.encode(weight), kind, weight.dtype, torch.device("cpu"), new_key() if fetches else None)
 
 

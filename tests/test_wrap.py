@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
+from models import CASES, output
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models import CASES, output
 from offload_tensor import (
     OffloadedTensor,
     RefusedOpError,
@@ -131,7 +131,9 @@ BAD_ARGUMENTS = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,error,match", BAD_ARGUMENTS, ids=[next(iter(k)) + str(i) for i, (k, _, _) in enumerate(BAD_ARGUMENTS)])
+@pytest.mark.parametrize(
+    "kwargs,error,match", BAD_ARGUMENTS, ids=[next(iter(k)) + str(i) for i, (k, _, _) in enumerate(BAD_ARGUMENTS)]
+)
 def test_bad_arguments_are_refused_before_any_change(kwargs, error, match):
     model = FLUX.make()
     snapshot = _snapshot(model)
@@ -196,7 +198,9 @@ def test_model_under_accelerate_hooks_is_refused():
 
 def test_model_under_diffusers_group_offloading_is_refused():
     model = FLUX.make()
-    model.enable_group_offload(torch.device("cpu"), offload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
+    model.enable_group_offload(
+        torch.device("cpu"), offload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+    )
     snapshot = _snapshot(model)
     with pytest.raises(ValueError, match="group_offloading"):
         wrap_model_for_offload(model)
@@ -278,3 +282,34 @@ def test_engine_serves_the_model_while_wrapped_and_is_forgotten_after():
     assert sorted(engine.keys) == sorted(int(p._key) for p in weights)
     unwrap_model(model)
     assert not any(e is engine for e in ops._engines.values())
+
+
+def test_policies_are_the_api_as_the_keywords_are(tmp_path):
+    """The policy objects do what their keywords do, in wrap, plan and the pipeline functions; a
+    setting given both ways is an error before anything changes."""
+    from offload_tensor import Placement, Storage, Streaming, plan, unwrap_model
+
+    case = CASES[0]
+    by_keywords = wrap_model_for_offload(case.make(), device="cpu", offload="disk", disk_path=tmp_path / "a",
+                                         storage_dtype="float8_e4m3fn", prefetch=2, granularity="leaf")  # fmt: skip
+    by_policies = wrap_model_for_offload(
+        case.make(),
+        storage=Storage(dtype="float8_e4m3fn"),
+        streaming=Streaming(prefetch=2, granularity="leaf"),
+        placement=Placement(device="cpu", offload="disk", disk_path=tmp_path / "b"),
+    )
+    a, b = by_keywords._offload_state.plan, by_policies._offload_state.plan
+    assert (a.storage, a.streaming, a.groups) == (b.storage, b.streaming, b.groups)
+    with torch.no_grad():
+        assert torch.equal(by_keywords(**case.inputs(0))[0], by_policies(**case.inputs(0))[0])
+    assert plan(case.make(), storage=Storage(dtype="float8_e4m3fn")).weight_bytes == plan(
+        case.make(), storage_dtype="float8_e4m3fn"
+    ).weight_bytes
+    model = case.make()
+    params = list(model.parameters())
+    with pytest.raises(ValueError, match="pass streaming= or prefetch=, not both"):
+        wrap_model_for_offload(model, streaming=Streaming(prefetch=2), prefetch=1)
+    with pytest.raises(TypeError, match="must be an offload_tensor.Storage"):
+        wrap_model_for_offload(model, storage="fp8")
+    assert list(model.parameters()) == params and all(type(p) is torch.nn.Parameter for p in params)
+    unwrap_model(by_keywords)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from offload_tensor.integrations import Integration, register
+from offload_tensor.integrations.registry import Integration, register
 
 
 def check(model: nn.Module) -> None:

@@ -22,13 +22,15 @@ import types
 import torch
 from torch import nn
 
-from offload_tensor.integrations import Integration, RemoveAttributes, register
+from offload_tensor.integrations.registry import Integration, RemoveAttributes, WrapOps, register
 
 
 def _quanto_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from optimum.quanto.nn import QModuleMixin
 
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, QModuleMixin) and m.weight_qtype is not None]
+    return [
+        (name, m) for name, m in model.named_modules() if isinstance(m, QModuleMixin) and m.weight_qtype is not None
+    ]
 
 
 def check(model: nn.Module) -> None:
@@ -73,11 +75,17 @@ def _load_from_state_dict(module, state_dict, prefix, local_metadata, strict, mi
     if key not in state_dict and any(k.startswith(key + ".") for k in state_dict):
         # quanto's own deserializer, with the module's settings and the weight's logical shape;
         # the QTensor is then written into the offloaded weight like any value (copy_).
-        common = dict(qtype=module.weight_qtype, axis=0, size=weight.size(), stride=weight.stride(), missing_keys=missing)
+        common = dict(
+            qtype=module.weight_qtype, axis=0, size=weight.size(), stride=weight.stride(), missing_keys=missing
+        )
         if module.weight_qtype.bits == 8:
-            value = WeightQBytesTensor.load_from_state_dict(state_dict, key + ".", activation_qtype=module.activation_qtype, **common)
+            value = WeightQBytesTensor.load_from_state_dict(
+                state_dict, key + ".", activation_qtype=module.activation_qtype, **common
+            )
         else:
-            value = WeightQBitsTensor.load_from_state_dict(state_dict, key + ".", group_size=module.weight_group_size, **common)
+            value = WeightQBitsTensor.load_from_state_dict(
+                state_dict, key + ".", group_size=module.weight_group_size, **common
+            )
         if value is None:
             return  # quanto recorded the missing keys
         state_dict[key] = value.to(weight._inner[0].device).optimize()  # laid out as the offloaded payload is
@@ -87,7 +95,7 @@ def _load_from_state_dict(module, state_dict, prefix, local_metadata, strict, mi
 _ROUTED = ("forward", "_save_to_state_dict", "_load_from_state_dict")
 
 
-def install(model: nn.Module):
+def install(model: nn.Module, ops: WrapOps):
     from optimum.quanto.nn import QLinear
 
     modules = [m for _, m in _quanto_modules(model)]

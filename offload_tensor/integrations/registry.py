@@ -1,10 +1,12 @@
 """What offload_tensor must know about the libraries whose models it wraps, behind one protocol.
 
-This module is the protocol and its registry; each library has a module of its own here that
-registers an `Integration` when offload_tensor is imported. The core (wrap, payloads) asks the
-registry and names no library; the library modules may use the core. An integration never
-imports its library: it acts only when the library is already imported (it is in `sys.modules`),
-since a model of that library cannot exist otherwise.
+This module is the protocol and its registry; each library has a module of its own beside it
+that registers an `Integration` (the package imports them all). The core (payloads, planner,
+wrap) asks the registry and names no library. A library module imports only torch, its library
+and this registry, never the core above it: what an install needs from the layers above (a wrap-
+level operation) is handed in (`WrapOps`). An integration never imports its library: it acts
+only when the library is already imported (it is in `sys.modules`), since a model of that library
+cannot exist otherwise.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from torch import nn
 
@@ -35,14 +38,26 @@ class RemoveAttributes:
                 module.__dict__.pop(name, None)
 
 
+class WrapOps(Protocol):
+    """What an integration's install may ask of the layers above it."""
+
+    def dequantize_payloads(self, model: nn.Module) -> None:
+        """Replace every quantized payload of a wrapped model by its dequantized value, where it
+        lives; checked before anything changes."""
+
+    def update_weights(self, model: nn.Module, before: set[int]) -> None:
+        """Offload the parameters a library added to a wrapped model since `before` (ids of its
+        parameters then), and let go of the weights it removed."""
+
+
 @dataclass(frozen=True)
 class Integration:
     """One library's part in wrapping.
 
     check(model): raise, naming the problem and the fix, when the model cannot be wrapped as it
         is (called before anything changes).
-    install(model): adapt a model whose weights were just replaced; return what undoes it
-        (unwrap_model calls it), or None.
+    install(model, ops): adapt a model whose weights were just replaced; return what undoes it
+        (unwrap_model calls it), or None. `ops`: the wrap-level operations it may use (`WrapOps`).
     carries(cls): whether a weight of this tensor-subclass type is a quantized payload the
         library's kernels run (offloaded as its inner tensors).
     opaque(cls): whether such a payload cannot be rebuilt inside a compiled graph (see [Note:
@@ -59,7 +74,7 @@ class Integration:
     name: str
     module: str  # the top-level package; the integration acts only when it is imported
     check: Callable[[nn.Module], None] = _nothing
-    install: Callable[[nn.Module], Undo | None] = _nothing
+    install: Callable[[nn.Module, WrapOps], Undo | None] = _nothing
     carries: Callable[[type], bool] = lambda cls: False
     opaque: Callable[[type], bool] = lambda cls: False
     blocks: Callable[[nn.Module], Iterable[str]] = lambda model: ()
@@ -103,8 +118,8 @@ def keep_in_fp32(model: nn.Module, dtype) -> set[str]:
     return {name for integration in active() for name in integration.keep_in_fp32(model, dtype)}
 
 
-def install(model: nn.Module) -> list[Undo]:
-    return [undo for integration in active() if (undo := integration.install(model)) is not None]
+def install(model: nn.Module, ops: WrapOps) -> list[Undo]:
+    return [undo for integration in active() if (undo := integration.install(model, ops)) is not None]
 
 
 def carrier(cls: type) -> Integration | None:
@@ -127,7 +142,3 @@ def components(obj: object) -> dict[str, nn.Module] | None:
         if found is not None:
             return found
     return None
-
-
-# The libraries offload_tensor knows; each module registers its Integration.
-from offload_tensor.integrations import accelerate, diffusers, quanto, torchao, transformers  # noqa: E402, F401, I001

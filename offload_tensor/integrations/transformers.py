@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from offload_tensor.integrations import Integration, from_library, register
+from offload_tensor.integrations.registry import Integration, from_library, register
 
 
 def blocks(model: nn.Module) -> list[str]:

@@ -9,8 +9,8 @@ import warnings
 
 import pytest
 import torch
-
 from models import CASES, engine_for, output
+
 from offload_tensor import unwrap_model, wrap_model_for_offload
 from offload_tensor.engine.fake import FakeBackend
 from offload_tensor.engine.streaming import StreamingEngine
@@ -137,7 +137,7 @@ def test_two_threads_on_one_model_get_correct_results(engine):
                         begin = time.perf_counter()
                         results[step] = output(model(**FLUX.inputs(step)))
                         spans[parity].append((begin, time.perf_counter()))
-        except BaseException as e:  # noqa: BLE001 - reported below (a thread's exception is lost otherwise)
+        except BaseException as e:
             errors.append(e)
 
     interval = sys.getswitchinterval()

@@ -10,10 +10,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from models import engine_for
 from torch import nn
 
 import compile_rules
-from models import engine_for
 from offload_tensor import unwrap_model, wrap_model_for_offload
 from offload_tensor.planner import group_weights, unique_weights
 
@@ -70,7 +70,9 @@ def image_stack(draw):
                 layers.append((nn.Conv2d if two_d else nn.Conv1d)(c, out, k, padding=padding, bias=draw(st.booleans())))
                 size = size - k + 1 + 2 * padding
             else:
-                layers.append((nn.ConvTranspose2d if two_d else nn.ConvTranspose1d)(c, out, k, bias=draw(st.booleans())))
+                layers.append(
+                    (nn.ConvTranspose2d if two_d else nn.ConvTranspose1d)(c, out, k, bias=draw(st.booleans()))
+                )
                 size = size + k - 1
             c = out
         elif kind == "group_norm":
@@ -136,19 +138,28 @@ def build(case):
         storage_dtype = torch.float8_e4m3fn if "e4m3" in payload else torch.float8_e5m2
         fp8_scale = payload.rsplit("-", 1)[1]
         # unwrap_model hands back what an fp8 payload decodes to: the plain model with those values
-        reference = unwrap_model(wrap_model_for_offload(copy.deepcopy(model), storage_dtype=storage_dtype, fp8_scale=fp8_scale))
+        reference = unwrap_model(
+            wrap_model_for_offload(copy.deepcopy(model), storage_dtype=storage_dtype, fp8_scale=fp8_scale)
+        )
     else:
         reference = copy.deepcopy(model)
     engine = engine_for(engine)
     groups = len(group_weights(model, unique_weights(model), granularity))
     prefetch = min(prefetch, max(groups - 1, 1))  # more is refused: slots no group would fill
     wrapped = wrap_model_for_offload(
-        model, engine=engine, storage_dtype=storage_dtype, fp8_scale=fp8_scale, prefetch=prefetch, granularity=granularity
+        model,
+        engine=engine,
+        storage_dtype=storage_dtype,
+        fp8_scale=fp8_scale,
+        prefetch=prefetch,
+        granularity=granularity,
     )
     return wrapped, reference, x
 
 
-@settings(max_examples=300 * SCALE, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@settings(
+    max_examples=300 * SCALE, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow]
+)
 @given(cases())
 def test_wrapped_equals_plain_in_eager(case):
     wrapped, reference, x = build(case)
@@ -162,7 +173,9 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
 @pytest.mark.slow
-@settings(max_examples=8 * SCALE, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@settings(
+    max_examples=8 * SCALE, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow]
+)
 @given(cases())
 def test_sample_compiles_with_no_graph_breaks(case):
     # torch 2.13 (CPU) + torchao 0.18: a compiled bf16 Int8WeightOnly linear segfaults in inductor's

@@ -9,8 +9,8 @@ import weakref
 import psutil
 import pytest
 import torch
-
 from models import CASES, engine_for, output
+
 from offload_tensor import offload_report, unwrap_model, wrap_model_for_offload
 from offload_tensor.engine.fake import FakeBackend
 from offload_tensor.engine.streaming import StreamingEngine
@@ -30,7 +30,9 @@ def new_tensors(baseline: dict[int, weakref.ref], model=None) -> int:
     buffers (unwrap_model gives new ones)."""
     now = live_tensors()
     own = set() if model is None else {id(t) for t in (*model.parameters(), *model.buffers())}
-    return sum(1 for key, ref in now.items() if key not in own and (key not in baseline or baseline[key]() is not ref()))
+    return sum(
+        1 for key, ref in now.items() if key not in own and (key not in baseline or baseline[key]() is not ref())
+    )
 
 
 def rss() -> int:
@@ -61,7 +63,10 @@ def test_100_forwards_hold_nothing_more_than_2(engine, compiled):
     tensors, resident, report = live_tensors(), rss(), offload_report(model)
     forwards(98)
     grown_tensors, grown_rss = new_tensors(tensors), rss() - resident
-    print(f"\nmeasured leak[{engine}, {'compiled' if compiled else 'eager'}]: tensors {grown_tensors:+d}, RSS {grown_rss / 2**20:+.2f} MiB")
+    print(
+        f"\nmeasured leak[{engine}, {'compiled' if compiled else 'eager'}]: tensors {grown_tensors:+d}, "
+        f"RSS {grown_rss / 2**20:+.2f} MiB"
+    )
     assert grown_tensors == 0
     assert offload_report(model) == report
     assert grown_rss <= RSS_SLACK

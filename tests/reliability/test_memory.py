@@ -74,7 +74,8 @@ x = torch.randn(4, 2048)
 with torch.no_grad():
     for _ in range(3):
         model(x)
-print(json.dumps(dict(bare=bare, before=before, peak=wrap_peak, steady=rss(), weight_bytes=weight_bytes, group_bytes=group_bytes)))
+print(json.dumps(dict(bare=bare, before=before, peak=wrap_peak, steady=rss(), weight_bytes=weight_bytes,
+                      group_bytes=group_bytes)))
 """
 
 ROOT = str(Path(__file__).parents[2])
@@ -104,7 +105,10 @@ def test_wrapping_into_arenas_holds_at_most_one_group_twice(tmp_path):
     m = measure("arenas", tmp_path / "unused")
     over = m["peak"] - m["bare"]
     bound = m["weight_bytes"] + m["group_bytes"] + 0.05 * m["weight_bytes"]
-    print(f"\nmeasured wrap into arenas: weights {gib(m['weight_bytes'])}, peak RSS above bare {gib(over)} (bound {gib(bound)})")
+    print(
+        f"\nmeasured wrap into arenas: weights {gib(m['weight_bytes'])}, peak RSS above bare {gib(over)} "
+        f"(bound {gib(bound)})"
+    )
     assert over <= bound
 
 
@@ -112,7 +116,10 @@ def test_wrapping_into_arenas_holds_at_most_one_group_twice(tmp_path):
 def test_loading_from_a_checkpoint_holds_the_weights_once(checkpoint):
     m = measure("checkpoint", checkpoint)
     over = m["peak"] - m["bare"]
-    print(f"\nmeasured load from checkpoint: weights {gib(m['weight_bytes'])}, peak RSS above bare {gib(over)} (bound {gib(1.10 * m['weight_bytes'])})")
+    print(
+        f"\nmeasured load from checkpoint: weights {gib(m['weight_bytes'])}, peak RSS above bare {gib(over)} "
+        f"(bound {gib(1.10 * m['weight_bytes'])})"
+    )
     assert over <= 1.10 * m["weight_bytes"]
 
 
@@ -120,5 +127,8 @@ def test_loading_from_a_checkpoint_holds_the_weights_once(checkpoint):
 def test_disk_tier_keeps_a_fraction_of_the_model_in_ram(checkpoint):
     m = measure("disk", checkpoint)
     steady, over = m["steady"] - m["before"], m["peak"] - m["bare"]
-    print(f"\nmeasured disk tier: weights {gib(m['weight_bytes'])}, steady RSS above before-wrap {gib(steady)}, peak while wrapping {gib(over)}")
+    print(
+        f"\nmeasured disk tier: weights {gib(m['weight_bytes'])}, steady RSS above before-wrap {gib(steady)}, "
+        f"peak while wrapping {gib(over)}"
+    )
     assert steady <= 0.25 * m["weight_bytes"]

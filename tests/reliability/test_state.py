@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
-
 from models import CASES, ENGINE_NAMES, engine_for, output
+
 from offload_tensor import OffloadedTensor, is_wrapped, unwrap_model, wrap_model_for_offload
 
 FLUX = CASES[0]

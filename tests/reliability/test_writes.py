@@ -10,9 +10,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from models import engine_for
 from torch import nn
 
-from models import engine_for
 from offload_tensor import OffloadedTensor, RefusedOpError, wrap_model_for_offload
 from offload_tensor.payloads import Float8
 
@@ -71,7 +71,7 @@ WRITES = {
     "setitem": (_seeded(lambda w: w.__setitem__(0, torch.randn(w.shape[1:]))), "any", False),
     "data.add_": (_seeded(lambda w: w.data.add_(1.0)), "any", False),
     **{
-        f"init.{name}": (_seeded(lambda w, f=getattr(nn.init, name): f(w)), where, False)
+        f"init.{name}": (_seeded(lambda w, f=getattr(nn.init, name): f(w)), where, False)  # noqa: B008 (bound per name)
         for name, where in [
             ("uniform_", "any"), ("normal_", "any"), ("trunc_normal_", "any"), ("zeros_", "any"),
             ("ones_", "any"), ("eye_", "2d"), ("dirac_", "4d"), ("xavier_uniform_", "2d+"),
