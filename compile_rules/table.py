@@ -552,6 +552,9 @@ def _op_name(func) -> str:
 _WRITERS = (copy_into, write_in_place, refuse)  # the handlers that know what to do with a write
 
 
+resolved_rule = _RESOLVED.get  # the hot path's lookup: an overload resolved before (None: ask aten_rule)
+
+
 def aten_rule(op: torch._ops.OpOverload) -> Handler:
     """The handler for an aten overload: its packet's row, or the default (see the module doc).
     A row that reads (`aten.add`) does not cover its `out=` overload (`aten.add.out`), a write."""

@@ -29,6 +29,7 @@ from compile_rules.table import (
     check_traced_writes,
     is_jit_tracing,
     refuse_jit_trace,
+    resolved_rule,
 )
 from offload_tensor import ops
 from offload_tensor.engine import disk
@@ -273,7 +274,7 @@ class OffloadedTensor(Offloaded):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        return aten_rule(func)(func, args, kwargs or {})
+        return (resolved_rule(func) or aten_rule(func))(func, args, kwargs or {})
 
 
 def _run_outside_dynamo(*fns) -> None:

@@ -226,3 +226,36 @@ def test_files_of_processes_that_died_are_removed_by_the_next_wrap(tmp_path, cap
     finally:
         alive.send_signal(signal.SIGKILL)
         alive.wait()
+
+
+def test_too_little_room_is_refused_before_anything_is_written_wherever_mount_is_not_allowed(tmp_path, monkeypatch):
+    """The room check itself, without a small file system (the test above needs root to mount one):
+    the free space the folder reports is below what the files need."""
+    import shutil
+
+    from offload_tensor.engine import disk
+
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1 << 20))
+    model = _linears(4, 256)  # 1.0 MiB of weights, and the files' headers
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(OSError, match=rf"to {tmp_path / 'w'}, which has 1.0 MiB free"):
+        wrap_model_for_offload(model, device="cpu", offload="disk", disk_path=tmp_path / "w")
+    assert not list((tmp_path / "w").iterdir())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_folder_without_write_permission_is_an_error_naming_it(tmp_path):
+    """As a user without root: a folder without write permission (root ignores the permission bits;
+    the read-only file system test above covers root)."""
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes into folders without write permission")
+    folder = tmp_path / "w"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(OSError, match=f"disk_path {folder} is not writable"):
+            wrap_model_for_offload(_linears(2, 8), device="cpu", offload="disk", disk_path=folder)
+    finally:
+        folder.chmod(0o755)
