@@ -159,6 +159,7 @@ def seen(monkeypatch):
         return real_aten_rule(op)
 
     monkeypatch.setattr(tensor_module, "aten_rule", recording_aten_rule)
+    monkeypatch.setattr(tensor_module, "resolved_rule", lambda op: None)  # every dispatch asks aten_rule
     return seen
 
 
