@@ -4,7 +4,8 @@ Every configuration is built once; each round times plain, wrapped, wrapped, pla
 drift in machine speed hits both sides of a ratio alike; the reported ratio is the median over
 rounds of the per-round ratio. Weights take the zero-copy path (offload device == compute device),
 so the ratio is the cost of the wrapper itself: dispatch, plus flattening the subclass at the
-compiled graph's boundary.
+compiled graph's boundary; except `flux-tiny-streamed`, whose every group the streaming engine
+serves (fake backend: real copies, a virtual clock), so its overhead is the host cost of fetching.
 
     python bench/overhead.py [--rounds 15] [--threads N] [--out bench/results]
 """
@@ -42,7 +43,23 @@ def flux() -> tuple[nn.Module, dict]:
 
 
 # mlp-8x16 computes almost nothing: its step-time difference is the wrapper's fixed cost per step.
-MODELS = {"mlp-8x1024-b8": lambda: mlp(1024), "flux-tiny": flux, "mlp-8x16-b8": lambda: mlp(16)}
+# flux-tiny-streamed: every group streamed by the streaming engine (on the fake backend, whose
+# clock is virtual: no sleep), so its difference is the host cost of fetching, per weight or per group.
+MODELS = {
+    "mlp-8x1024-b8": lambda: mlp(1024),
+    "flux-tiny": flux,
+    "mlp-8x16-b8": lambda: mlp(16),
+    "flux-tiny-streamed": flux,
+}
+
+
+def wrap_options(name: str) -> dict:
+    if name.endswith("-streamed"):
+        from offload_tensor.engine.fake import FakeBackend
+        from offload_tensor.engine.streaming import StreamingEngine
+
+        return {"engine": StreamingEngine(FakeBackend())}
+    return {}
 
 
 def step_time(fn, inputs: dict, steps: int) -> float:
@@ -73,7 +90,7 @@ def main() -> None:
             torch._dynamo.reset()
             plain, inputs = build()
             wrapped, _ = build()
-            wrap_model_for_offload(wrapped, device="cpu")
+            wrap_model_for_offload(wrapped, device="cpu", **wrap_options(name))
             if mode == "compiled":
                 plain, wrapped = torch.compile(plain, fullgraph=True), torch.compile(wrapped, fullgraph=True)
             for fn in (plain, wrapped):  # warm up (and compile)

@@ -68,7 +68,7 @@ def before_write(key: torch.Tensor) -> None:
     """A weight's payload is about to change in place: the engine serving it must finish reading
     its host copy and forget any device copy it holds (they would be stale)."""
     engine = _engines.get(int(key))
-    if engine is not None and hasattr(engine, "invalidate"):
+    if engine is not None:
         engine.invalidate()
 
 
@@ -104,6 +104,81 @@ def _no_gradient(ctx, grads):
 
 
 fetch.register_autograd(_no_gradient, setup_context=_remember_payload_count)
+
+
+# [Note: one fetch per group]
+# A streamed weight belongs to a group (a repeated block, or a module's own weights) that moves
+# in one copy; its payload tensors are regions of the group's bytes. So a weight of a streamed
+# group reads the whole group with `fetch_group` and takes views of its regions:
+# - Compiled code: every weight calls the op where it is used (with its own `after`), and an
+#   inductor pass (`OneFetchPerGroup`) keeps the first call per group key in a graph and points
+#   the others at it, so a graph copies each group once. The group's bytes live from the first to
+#   the last use of its weights (the plan counts one group for it). The op hands its output over
+#   as `fetch` does.
+# - Eager code: the engine copies the group once per visit and the group's weights read views of
+#   that copy until compute moves on (`Engine.group_bytes`); eager code keeps nothing it reads.
+@torch.library.custom_op("offload_tensor::fetch_group", mutates_args=(), tags=_TAGS)
+def fetch_group(group_key: torch.Tensor, after: torch.Tensor | None, device: torch.device, nbytes: int) -> torch.Tensor:
+    """All `nbytes` bytes of the group `group_key`, copied to `device` (see the note above)."""
+    FetchStats.calls += 1
+    k = int(group_key)
+    engine = _engines.get(k)
+    if engine is None:
+        raise RuntimeError(f"no engine serves the weight group {k}: its model was unwrapped, or re-planned since")
+    return engine.fetch_group(k, device)
+
+
+@fetch_group.register_fake
+def _(group_key, after, device, nbytes) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+fetch_group.register_autograd(lambda ctx, grad: (None,) * 4, setup_context=lambda ctx, inputs, output: None)
+
+
+def group_bytes(group_key: torch.Tensor) -> torch.Tensor:
+    """Eager code's read of a group's bytes (see [Note: one fetch per group]); counted as a fetch
+    when the engine copied the group for it (not when it served its copy of this visit again)."""
+    k = int(group_key)
+    engine = _engines.get(k)
+    if engine is None:
+        raise RuntimeError(f"no engine serves the weight group {k}: its model was unwrapped, or re-planned since")
+    group, copied = engine.group_bytes(k)
+    FetchStats.calls += copied
+    return group
+
+
+def _install_group_pass() -> None:
+    """Inductor's post-grad pass that keeps one `fetch_group` per group key in a graph (chained
+    after a pass the user set before offload_tensor was imported)."""
+    from torch._inductor import config
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class OneFetchPerGroup(CustomGraphPass):
+        def __init__(self, then=None) -> None:
+            self.then = then
+
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            first: dict = {}
+            for node in list(graph.nodes):
+                if node.op == "call_function" and node.target is torch.ops.offload_tensor.fetch_group.default:
+                    if node.args[0] in first:
+                        node.replace_all_uses_with(first[node.args[0]])
+                        graph.erase_node(node)
+                    else:
+                        first[node.args[0]] = node
+            if self.then is not None:
+                self.then(graph)
+
+        def uuid(self):
+            return (get_hash_for_files((__file__,)), self.then.uuid() if hasattr(self.then, "uuid") else None)
+
+    current = config.post_grad_custom_pre_pass
+    if not isinstance(current, OneFetchPerGroup) and type(current).__name__ != "OneFetchPerGroup":
+        config.post_grad_custom_pre_pass = OneFetchPerGroup(current)
+
+
+_install_group_pass()
 
 
 # [Note: opaque linear]

@@ -80,7 +80,7 @@ def plan_pipeline(pipe, storage, streaming, where, only: list[str] | None = None
         return PipelinePlan(tuple(names), tuple(make_plan(found[n], storage, streaming, where) for n in names))
     streamed_only = replace(where, budget=None, reserve=0)
     plans = {n: make_plan(found[n], storage, streaming, streamed_only) for n in names if n != main}
-    others = sum(p.slot_bytes for p in plans.values())
+    others = sum(p.device_bytes for p in plans.values())  # every group streamed: slots and the group in use
     if main is not None:
         share = where.budget - others
         try:

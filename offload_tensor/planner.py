@@ -102,9 +102,23 @@ class Plan:
         return (self.streaming.prefetch + 1) * self.largest_streamed
 
     @property
+    def fetched_bytes(self) -> int:
+        """On an accelerator, the group in use, copied out of its slot (one fetch per group: see
+        [Note: one fetch per group] in ops.py); computing on the CPU the disk tier's read buffer
+        is handed over itself."""
+        return self.largest_streamed if self.device.type != "cpu" else 0
+
+    @property
+    def copies(self) -> int:
+        """How many buffers the size of the largest streamed group streaming takes where the model
+        computes: the slots, and the group in use."""
+        return self.streaming.prefetch + 1 + (self.device.type != "cpu")
+
+    @property
     def device_bytes(self) -> int:
-        """What the weights take where the model computes: resident groups and the slots."""
-        return self.resident_bytes + self.slot_bytes
+        """What the weights take where the model computes: resident groups, the slots and the
+        group in use."""
+        return self.resident_bytes + self.slot_bytes + self.fetched_bytes
 
     @property
     def pinned_bytes(self) -> int:
@@ -129,7 +143,7 @@ class Plan:
     def minimum_budget(self) -> int:
         """The smallest device budget this model runs with: every group streamed."""
         largest = max((g.nbytes for g in self.groups), default=0)
-        return (self.streaming.prefetch + 1) * largest + self.placement.reserve
+        return self.copies * largest + self.placement.reserve
 
     def bytes_in(self, tier: Tier | str) -> int:
         return sum(g.nbytes for g in self.groups if tier_of(g, self.device) == tier)
@@ -141,8 +155,7 @@ class Plan:
         group streamed) is an error that says the minimum."""
         groups = [replace(g, nbytes=n) for g, n in zip(self.groups, sizes or [g.nbytes for g in self.groups])]
         if placement.budget is not None:
-            resident = choose_resident([g.nbytes for g in groups], placement.budget - placement.reserve,
-                                       self.streaming.prefetch)  # fmt: skip
+            resident = choose_resident([g.nbytes for g in groups], placement.budget - placement.reserve, self.copies)
             groups = [replace(g, resident=i in resident) for i, g in enumerate(groups)]
         plan = replace(self, groups=tuple(groups), placement=placement,
                        leaf_bytes=self.leaf_bytes if leaf_bytes is None else leaf_bytes)  # fmt: skip
@@ -150,8 +163,9 @@ class Plan:
             largest = max((g.nbytes for g in groups), default=0)
             raise ValueError(
                 f"budget={format_bytes(placement.budget)} is below the minimum for {plan.name}: "
-                f"{format_bytes(plan.minimum_budget)} ({self.streaming.prefetch + 1} streaming slots of its largest "
-                f"group, {format_bytes(largest)}"
+                f"{format_bytes(plan.minimum_budget)} ({self.copies} copies of its largest group, "
+                f"{format_bytes(largest)}: {self.streaming.prefetch + 1} slots"
+                + (" and the group in use" if self.fetched_bytes else "")
                 + (f", plus reserve {format_bytes(placement.reserve)}" if placement.reserve else "")
                 + "). Raise the budget, lower prefetch, or use granularity='leaf' (smaller groups)."
             )
@@ -232,18 +246,18 @@ def leaf_bytes(model: nn.Module, size: dict[str, int]) -> int:
     return max((sum(size[n] for n in names) for _, names, _ in groups), default=0)
 
 
-def choose_resident(sizes: list[int], budget: int, prefetch: int) -> set[int]:
-    """Indices of the groups that stay resident: the most bytes that fit in `budget` beside the
-    slots the streamed ones need ((prefetch + 1) x the largest streamed group), so the fewest
-    bytes stream per step. For each candidate largest streamed group, every larger group must be
-    resident, and smaller ones are added largest first while they fit."""
+def choose_resident(sizes: list[int], budget: int, copies: int) -> set[int]:
+    """Indices of the groups that stay resident: the most bytes that fit in `budget` beside what
+    streaming takes (`copies` x the largest streamed group: the slots, and the group in use), so
+    the fewest bytes stream per step. For each candidate largest streamed group, every larger
+    group must be resident, and smaller ones are added largest first while they fit."""
     if sum(sizes) <= budget:
         return set(range(len(sizes)))
     order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
     best: set[int] = set()
     best_bytes = -1
     for k, largest in enumerate(order):  # `largest` is the largest streamed group
-        room = budget - (prefetch + 1) * sizes[largest] - sum(sizes[i] for i in order[:k])
+        room = budget - copies * sizes[largest] - sum(sizes[i] for i in order[:k])
         if room < 0:
             continue
         chosen = set(order[:k])
@@ -295,12 +309,14 @@ def format_table(plans: list[Plan], bandwidth: float | None = None, names: list[
         if p.streamed_bytes:
             rows.append((f"{label}slots", format_bytes(p.slot_bytes),
                          f"{p.streaming.prefetch + 1} x the largest streamed group"))  # fmt: skip
+            if p.fetched_bytes:
+                rows.append((f"{label}in use", format_bytes(p.fetched_bytes), "the group being read, one copy"))
     device = sum(p.device_bytes for p in plans) + first.placement.reserve
     rows.append(
         (
             "on the device",
             format_bytes(device),
-            "resident weights, slots" + (", reserve" if first.placement.reserve else ""),
+            "resident weights, slots, group in use" + (", reserve" if first.placement.reserve else ""),
         )
     )
     rows.append(("pinned host", format_bytes(sum(p.pinned_bytes for p in plans)), "page-locked, at exact size"))

@@ -11,6 +11,7 @@ from torch import nn
 from offload_tensor import ops
 from offload_tensor.build import Built
 from offload_tensor.engine import Engine
+from offload_tensor.engine.host_store import GroupLayout
 from offload_tensor.planner import Plan, named_parameter_slots
 from offload_tensor.policy import Tier
 from offload_tensor.tensor import OffloadedTensor
@@ -50,22 +51,30 @@ class OffloadState:
         original parameters, the first time) gets its new one with `setattr`, as modules expect
         (nn.RNN refreshes its weight list); the keys of the weights replaced are forgotten. `built`:
         the groups' new homes and kinds; `weights`: the model's weights when they changed (some
-        added, some gone), by name."""
+        added, some gone), by name. A streaming engine also serves each group whole, by a key of
+        its own (see [Note: one fetch per group] in ops.py)."""
         self.built = built or self.built
         keys = {n: ops.new_key() for g in plan.groups if g.streamed for n in g.weights}
+        groups: dict[str, tuple[torch.Tensor, GroupLayout]] = {}
         if engine.streams:
             stores, names = self.built.stores(plan)
+            group_keys = [ops.new_key() for _ in stores]
+            for store, group_key, ns in zip(stores, group_keys, names):
+                groups.update((n, (group_key, GroupLayout(store.nbytes, tuple(r)))) for n, r in zip(ns, store.regions))
             prepare = engine.replan if engine is self.engine and self.weights else engine.prepare
-            prepare(stores, plan.streaming.prefetch, [[int(keys[n]) for n in ns] for ns in names])
+            prepare(stores, plan.streaming.prefetch, [[int(keys[n]) for n in ns] for ns in names],
+                    [int(k) for k in group_keys])  # fmt: skip
+            keys.update((f"group {int(k)}", k) for k in group_keys)  # registered with the weights' keys below
         current = weights or self.weights or dict(_first_slots(model))
         by_id = {
-            id(w): nn.Parameter(OffloadedTensor(payloads[n], self.built.kinds[n], w.dtype, plan.device, keys.get(n)),
-                                requires_grad=False)  # fmt: skip
+            id(w): nn.Parameter(OffloadedTensor(payloads[n], self.built.kinds[n], w.dtype, plan.device, keys.get(n),
+                                                group=groups.get(n)), requires_grad=False)  # fmt: skip
             for n, w in current.items()
         }
         for weight in self.weights.values():  # each is replaced, or gone from the model
-            if weight._key is not None:
-                ops.unregister_engine(int(weight._key), self.engine)
+            for key in (weight._key, weight._gkey):
+                if key is not None:
+                    ops.unregister_engine(int(key), self.engine)
         for _, module, name, param in named_parameter_slots(model):
             if id(param) in by_id:
                 setattr(module, name, by_id[id(param)])

@@ -33,6 +33,7 @@ from compile_rules.table import (
 )
 from offload_tensor import ops
 from offload_tensor.engine import disk
+from offload_tensor.engine.host_store import GroupLayout
 from offload_tensor.payloads import PayloadKind
 
 _DisableTorchFunctionSubclass = torch._C.DisableTorchFunctionSubclass
@@ -66,6 +67,10 @@ class OffloadedTensor(Offloaded):
     _compute_dtype: torch.dtype
     _compute_device: torch.device
     _key: torch.Tensor | None  # set when the weight is fetched through the engine registry
+    # A weight of a streamed group: the group's key and its layout (the group's bytes, and where
+    # this weight's tensors are in them), see [Note: one fetch per group] in ops.py
+    _gkey: torch.Tensor | None
+    _layout: GroupLayout | None
     _view: tuple[OffloadedTensor, tuple[ViewStep, ...]] | None  # (weight, steps) of a lazy view
 
     @staticmethod
@@ -78,6 +83,7 @@ class OffloadedTensor(Offloaded):
         key: torch.Tensor | None,
         outer_size=None,
         outer_stride=None,
+        group: tuple[torch.Tensor, GroupLayout] | None = None,
     ):
         self = torch.Tensor._make_wrapper_subclass(
             cls,
@@ -95,11 +101,13 @@ class OffloadedTensor(Offloaded):
         self._compute_dtype = compute_dtype
         self._compute_device = compute_device
         self._key = key
+        self._gkey, self._layout = group if group is not None else (None, None)
         self._view = None
         # Computed once: dynamo's guards and AOTAutograd's runtime wrapper flatten every
-        # offloaded input on every compiled call.
-        names = list(kind.inner_names) + (["_key"] if key is not None else [])
-        self._flat = (names, (kind, compute_dtype, compute_device, key is not None))
+        # offloaded input on every compiled call. The layout is in the context: it is the same
+        # for the same weight of every repeated block, so it never recompiles a block.
+        names = list(kind.inner_names) + (["_key"] if key is not None else []) + (["_gkey"] if group else [])
+        self._flat = (names, (kind, compute_dtype, compute_device, key is not None, self._layout))
         # The eager fast path: the tensor to compute with when nothing needs fetching or decoding.
         self._direct = inner[0] if key is None and kind.in_place_exact else None
         self.in_place_exact = kind.in_place_exact
@@ -127,10 +135,11 @@ class OffloadedTensor(Offloaded):
 
     @staticmethod
     def __tensor_unflatten__(inner_tensors, ctx, outer_size, outer_stride):
-        kind, dtype, device, fetches = ctx
+        kind, dtype, device, fetches, layout = ctx
         inner = tuple(inner_tensors[name] for name in kind.inner_names)
         key = inner_tensors["_key"] if fetches else None
-        return OffloadedTensor(inner, kind, dtype, device, key, outer_size, outer_stride)
+        group = (inner_tensors["_gkey"], layout) if layout is not None else None
+        return OffloadedTensor(inner, kind, dtype, device, key, outer_size, outer_stride, group)
 
     def _stable_hash_for_caching(self) -> str:
         # AOTAutograd's cache key for this input: metadata only, never values or addresses. It
@@ -171,7 +180,15 @@ class OffloadedTensor(Offloaded):
         return self._kind.decode(self._fetched(after), self._compute_dtype)
 
     def _fetched(self, after: torch.Tensor | None) -> Sequence[torch.Tensor]:
-        """The inner tensors on the compute device: the payload itself, or fetched copies."""
+        """The inner tensors on the compute device: the payload itself, fetched copies, or views
+        of the group's fetched bytes (see [Note: one fetch per group] in ops.py)."""
+        if self._layout is not None:
+            if torch.compiler.is_compiling():
+                fetch_group = torch.ops.offload_tensor.fetch_group
+                group = fetch_group(self._gkey, after, self._compute_device, self._layout.nbytes)
+            else:
+                group = ops.group_bytes(self._gkey)
+            return [region.view(group) for region in self._layout.regions]
         if self._key is not None:
             return torch.ops.offload_tensor.fetch(list(self._inner), self._key, after, self._compute_device)
         return self._inner
@@ -196,8 +213,9 @@ class OffloadedTensor(Offloaded):
     def alias(self) -> OffloadedTensor:
         if self._view is not None:
             return _lazy_view(*self._view, self)
+        group = (self._gkey, self._layout) if self._layout is not None else None
         return OffloadedTensor(self._inner, self._kind, self._compute_dtype, self._compute_device, self._key,
-                               self.shape, self.stride())  # fmt: skip
+                               self.shape, self.stride(), group)  # fmt: skip
 
     def clone_weight(self) -> torch.Tensor:
         if self._view is not None:  # a view's clone is a tensor of its own
@@ -316,6 +334,7 @@ def _lazy_view(weight: OffloadedTensor, steps: tuple[ViewStep, ...], like: torch
     view._compute_dtype = like.dtype
     view._compute_device = weight._compute_device
     view._key = weight._key
+    view._gkey, view._layout = weight._gkey, weight._layout
     view._view = (weight, steps)
     view._flat = None
     view._direct = None

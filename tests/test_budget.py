@@ -108,7 +108,7 @@ BAD = [
     (dict(budget="12 gigs"), "not a size"),
     (dict(budget=-5), "negative"),
     (dict(budget="-5GiB"), "budget='-5GiB' is negative"),
-    (dict(budget=10), "below the minimum for FluxTransformer2DModel: .* \\(2 streaming slots"),
+    (dict(budget=10), r"below the minimum for FluxTransformer2DModel: .* \(2 copies of its largest group, .*: 2 slots"),
     (dict(max_memory={"cuda:1": "1GiB"}), "not the compute device"),
     (dict(max_memory="1GiB"), "must be a dict"),
     (dict(budget="1GiB", max_memory={"cpu": "1GiB"}), "not both"),

@@ -19,7 +19,7 @@ def test_plan_and_placement_name_the_tiers_alike_on_cuda():
     assert Placement("cuda").resolved(for_plan=True).resident_tier is Tier.GPU
     model = meta_model("flux-tiny")
     probe = plan(model, device="cuda")
-    p = plan(model, device="cuda", budget=probe.minimum_budget + probe.weight_bytes // 3)
+    p = plan(model, device="cuda", budget=(probe.minimum_budget + probe.weight_bytes) // 2)  # between: both tiers
     tiers = {tier_of(g, p.device) for g in p.groups}
     assert tiers == {Tier.GPU, Tier.RAM} and all(isinstance(t, Tier) for t in tiers)
     assert p.bytes_in("gpu") == p.resident_bytes > 0 and p.bytes_in("ram") == p.streamed_bytes > 0

@@ -18,8 +18,8 @@ hands over ownership] in ops.py): a read pops the tensors from the slot, nothing
 memory map is read from, so the page cache holding the files is never part of the process's RSS;
 the payload tensors the weights report are a shared memory map of the file, touched only when
 something reads them directly (a state_dict, unwrap_model), and writes into them (load_state_dict)
-land in the file. `DiskCudaBackend` reads into pinned staging buffers and copies each on to the
-device slot on the CUDA backend's copy stream.
+land in the file. `DiskDeviceBackend` reads into (pinned) staging buffers and copies each on to
+the device slot on the device backend's copy stream.
 """
 
 from __future__ import annotations
@@ -538,8 +538,21 @@ def _unaliased(regions: Sequence[Region], flat: torch.Tensor) -> list[torch.Tens
     return [p.view(flat) if j == largest else p.view(flat).clone() for j, p in enumerate(regions)]
 
 
+class _Load:
+    """One group's bytes read into a pooled buffer (`flat`), handed over once, weight by weight
+    (`taken`) or whole; once all of it is handed over the load lets go of the buffer (the pool
+    reuses it when the last view of it is gone), and a second read of the same bytes reads the
+    file again."""
+
+    def __init__(self, flat: torch.Tensor, weights: int) -> None:
+        self.flat: torch.Tensor | None = flat
+        self.taken: set = set()
+        self.weights = weights
+
+
 class DiskBackend(Backend):
-    """Computing on the CPU: a group is read into fresh tensors by a background thread."""
+    """Computing on the CPU: a group is read into a pooled buffer by a background thread, and
+    handed over as views of it."""
 
     def __init__(self) -> None:
         self.groups: list[DiskGroup] = []
@@ -554,22 +567,19 @@ class DiskBackend(Backend):
         self.groups = list(groups)
         self.buffers = _BufferPool(keep_bytes=max((g.nbytes for g in self.groups), default=0) + IO_ALIGN)
         self.key_index = {key: (g, i) for g, group_keys in enumerate(keys) for i, key in enumerate(group_keys)}
-        self.keys = [list(k) for k in keys]
         self.slots = [None] * slots
 
-    def _load(self, group: int) -> dict[Hashable, list[torch.Tensor]]:
-        """The group's bytes, read in one go into a fresh buffer, and each weight's tensors taken
-        from it (see `_unaliased`), handed over once (nothing keeps the buffer after that, see
-        the module doc)."""
+    def _load(self, group: int) -> _Load:
+        """The group's bytes, read in one go into a buffer of the pool (see the module doc)."""
         g = self.groups[group]
         start = g.offset // IO_ALIGN * IO_ALIGN
         end = -(-(g.offset + g.nbytes) // IO_ALIGN) * IO_ALIGN
         buffer = self.buffers.take(end - start)
         self.files.read(g.path, buffer, start, needed=g.offset + g.nbytes - start)
-        flat = buffer[g.offset - start :]
+        flat = buffer[g.offset - start : g.offset - start + g.nbytes]
         g.check(flat)  # a cache's first read in this process: its checksum
         self.bytes_read += g.nbytes
-        return {key: _unaliased(weight, flat) for key, weight in zip(self.keys[group], g.regions)}
+        return _Load(flat, len(g.regions))
 
     def copy(self, group: int, slot: int, wait_for) -> Future:
         # Release events are None here: compute on the CPU has finished every read by the time
@@ -581,19 +591,34 @@ class DiskBackend(Backend):
     def wait(self, event: Future) -> None:
         event.result()  # a read error surfaces here, in the thread that asked
 
-    def read(self, group: int, slot: int, key: Hashable) -> list[torch.Tensor]:
+    def _landed(self, group: int, slot: int) -> _Load:
         future = self.slots[slot]
         if future is None or not future.done():
             raise StreamRaceError(f"compute reads slot {slot} (group {group}) before its read from disk finished")
-        tensors = future.result().pop(key, None)
-        if tensors is None:  # read twice while in its slot (a tied weight): read it again
-            g, i = self.key_index[key]
-            tensors = []
-            for p in self.groups[g].regions[i]:
-                t = torch.empty(p.shape, dtype=p.dtype)
-                read_exactly(self.files.fd(self.groups[g].path), byte_view(t), self.groups[g].offset + p.offset, "")
-                tensors.append(t)
+        return future.result()
+
+    def read(self, group: int, slot: int, key: Hashable) -> list[torch.Tensor]:
+        load, (g, i) = self._landed(group, slot), self.key_index[key]
+        if load.flat is None or key in load.taken:  # read twice while in its slot (a tied weight): again
+            load = self._reload(g)
+        load.taken.add(key)
+        tensors = _unaliased(self.groups[g].regions[i], load.flat)
+        if len(load.taken) == load.weights:
+            load.flat = None
         return tensors
+
+    def read_group(self, group: int, slot: int) -> torch.Tensor:
+        load = self._landed(group, slot)
+        if load.flat is None or load.taken:  # handed over already: the file again, into a buffer of its own
+            load = self._reload(group)
+        flat, load.flat = load.flat, None
+        return flat
+
+    def _reload(self, group: int) -> _Load:
+        g = self.groups[group]
+        flat = torch.empty(g.nbytes, dtype=torch.uint8)
+        read_exactly(self.files.fd(g.path), byte_view(flat), g.offset, str(g.path))
+        return _Load(flat, len(g.regions))
 
     def release(self, slot: int) -> None:
         return None
@@ -608,21 +633,17 @@ class DiskBackend(Backend):
         self.reader.shutdown(wait=True)
         self.files.close()
 
-    @property
-    def pinned_bytes(self) -> int:
-        return 0
 
-
-class DiskCudaBackend(Backend):
-    """Computing on CUDA from the disk tier: a background thread reads a group into a pinned
-    staging buffer (one per slot), then the copy stream moves it into the device slot; a staging
-    buffer is reused only after its copy to the device finished. Reads and releases are the CUDA
-    backend's."""
+class DiskDeviceBackend(Backend):
+    """Computing on an accelerator from the disk tier: a background thread reads a group into a
+    (pinned, where the device backend pins) staging buffer, one per slot, then the copy stream
+    moves it into the device slot; a staging buffer is reused only after its copy to the device
+    finished. Reads and releases are the device backend's."""
 
     def __init__(self, device: torch.device, pin_memory: bool = True) -> None:
-        from offload_tensor.engine.cuda import CudaBackend
+        from offload_tensor.engine.device import DeviceBackend
 
-        self.cuda = CudaBackend(device, pin_memory=pin_memory)
+        self.device = DeviceBackend(device, pin_memory=pin_memory)
         self.files = _Files()
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="offload_tensor-disk")
         self.bytes_read = 0
@@ -631,12 +652,12 @@ class DiskCudaBackend(Backend):
     def prepare(self, groups: Sequence[DiskGroup], keys: Sequence[Sequence[Hashable]], slots: int) -> None:
         self.groups = list(groups)
         largest = max((g.nbytes for g in self.groups), default=0) + 2 * IO_ALIGN  # room to align the read
-        self.staging = [aligned_empty(largest, pin_memory=self.cuda.pin_memory) for _ in range(slots)]
-        self.staged: list[torch.cuda.Event | None] = [None] * slots  # the last copy out of each staging buffer
-        self.cuda.prepare(self.groups, keys, slots)  # device slots, key index, regions (no arenas to pin)
+        self.staging = [aligned_empty(largest, pin_memory=self.device.pin_memory) for _ in range(slots)]
+        self.staged: list = [None] * slots  # the last copy out of each staging buffer (an event)
+        self.device.prepare(self.groups, keys, slots)  # device slots, key index, regions (no arenas to pin)
 
     def copy(self, group: int, slot: int, wait_for) -> Future:
-        def job() -> torch.cuda.Event:
+        def job():
             g = self.groups[group]
             if self.staged[slot] is not None:
                 self.staged[slot].synchronize()  # this staging buffer's previous copy left it
@@ -645,32 +666,35 @@ class DiskCudaBackend(Backend):
             staging = self.staging[slot][g.offset - start : g.offset - start + g.nbytes]
             g.check(staging)
             self.bytes_read += g.nbytes
-            ready = self.cuda.copy_from(staging, slot, wait_for)
+            ready = self.device.copy_from(staging, slot, wait_for)
             self.staged[slot] = ready
             return ready
 
-        self.cuda._check_not_capturing()
+        self.device.check_not_capturing()
         return self.reader.submit(job)
 
     def wait(self, event: Future) -> None:
-        self.cuda.wait(event.result())
+        self.device.wait(event.result())
 
     def read(self, group: int, slot: int, key: Hashable) -> list[torch.Tensor]:
-        return self.cuda.read(group, slot, key)
+        return self.device.read(group, slot, key)
+
+    def read_group(self, group: int, slot: int) -> torch.Tensor:
+        return self.device.read_group(group, slot)
 
     def release(self, slot: int):
-        return self.cuda.release(slot)
+        return self.device.release(slot)
 
     def quiesce(self) -> None:
         self.reader.submit(lambda: None).result()
-        self.cuda.quiesce()
+        self.device.quiesce()
 
     def close(self) -> None:
         self.quiesce()
         self.reader.shutdown(wait=True)
         self.files.close()
-        self.cuda.close()
+        self.device.close()
 
     @property
     def pinned_bytes(self) -> int:
-        return sum(t.numel() for t in self.staging) if self.cuda.pin_memory else 0
+        return sum(t.numel() for t in self.staging) if self.device.pin_memory else 0

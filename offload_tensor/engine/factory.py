@@ -11,15 +11,15 @@ def default_engine(device: torch.device, offload: str, streams: bool, pin_memory
     """The streaming engine where weights move (`streams`: some group is streamed, to CUDA or from
     the disk tier), with the backend for the compute device and the tier; the synchronous engine
     where nothing moves."""
-    if not streams or (device.type != "cuda" and offload != "disk"):
+    if not streams or (device.type == "cpu" and offload != "disk"):
         return SynchronousEngine()
     from offload_tensor.engine.streaming import StreamingEngine
 
     if offload == "disk":
-        from offload_tensor.engine.disk import DiskBackend, DiskCudaBackend
+        from offload_tensor.engine.disk import DiskBackend, DiskDeviceBackend
 
-        backend = DiskCudaBackend(device, pin_memory=pin_memory) if device.type == "cuda" else DiskBackend()
+        backend = DiskDeviceBackend(device, pin_memory=pin_memory) if device.type != "cpu" else DiskBackend()
         return StreamingEngine(backend)
-    from offload_tensor.engine.cuda import CudaBackend
+    from offload_tensor.engine.device import DeviceBackend
 
-    return StreamingEngine(CudaBackend(device, pin_memory=pin_memory))
+    return StreamingEngine(DeviceBackend(device, pin_memory=pin_memory))

@@ -60,6 +60,14 @@ class FakeBackend(Backend):
         self.compute_clock = max(self.compute_clock, event)
 
     def read(self, group: int, slot: int, key: Hashable) -> list[torch.Tensor]:
+        self._check_read(group, slot)
+        g, i = self.key_index[key]
+        out = [p.view(self.slot_buffers[slot]).clone() for p in self.arenas[g].regions[i]]
+        self._record_read(slot)
+        self.log.append(("read", group, slot, key))
+        return out
+
+    def _check_read(self, group: int, slot: int) -> None:
         if self.slot_group[slot] != group:
             raise StreamRaceError(f"compute reads group {group} from slot {slot}, which holds {self.slot_group[slot]}")
         if self.compute_clock < self.slot_landed[slot]:
@@ -67,11 +75,16 @@ class FakeBackend(Backend):
                 f"compute reads slot {slot} at t={self.compute_clock:.6f} before its copy lands at "
                 f"t={self.slot_landed[slot]:.6f}"
             )
-        g, i = self.key_index[key]
-        out = [p.view(self.slot_buffers[slot]).clone() for p in self.arenas[g].regions[i]]
+
+    def _record_read(self, slot: int) -> None:
         self.compute_clock += self.compute_s
         self.slot_read_until[slot] = self.compute_clock
-        self.log.append(("read", group, slot, key))
+
+    def read_group(self, group: int, slot: int) -> torch.Tensor:
+        self._check_read(group, slot)
+        out = self.slot_buffers[slot][: self.arenas[group].nbytes].clone()
+        self._record_read(slot)
+        self.log.append(("read", group, slot, None))
         return out
 
     def release(self, slot: int) -> float:

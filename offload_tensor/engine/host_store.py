@@ -85,6 +85,15 @@ def layout(
     return regions, offset
 
 
+@dataclass(frozen=True)
+class GroupLayout:
+    """Where one weight's tensors are in its group's bytes (`nbytes` in all): a value the same for
+    the same weight of every repeated block (a constant of compiled graphs)."""
+
+    nbytes: int
+    regions: tuple[Region, ...]
+
+
 @dataclass
 class Arena:
     """One group's payload tensors in one buffer; `regions[i][j]` is tensor j of weight i."""

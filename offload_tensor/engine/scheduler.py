@@ -76,6 +76,11 @@ class Backend(abc.ABC):
         """On the compute stream: fresh tensors holding `key`'s payload from `slot`."""
 
     @abc.abstractmethod
+    def read_group(self, group: int, slot: int) -> torch.Tensor:
+        """On the compute stream: a fresh uint8 tensor holding all of `group`'s bytes from `slot`
+        (laid out as its store: each weight's tensors at their regions)."""
+
+    @abc.abstractmethod
     def release(self, slot: int) -> Event:
         """An event that completes once every read of `slot` enqueued so far has finished (on
         every stream that read it)."""
@@ -149,7 +154,9 @@ class Scheduler:
         self._groups = len(set(self.group_of.values()))
 
     # -- the one entry point ------------------------------------------------------------------
-    def fetch(self, key: Hashable) -> list[torch.Tensor]:
+    def fetch(self, key: Hashable, whole_group: bool = False) -> list[torch.Tensor] | torch.Tensor:
+        """`key`'s payload (a weight's key), or, `whole_group`, all of the bytes of the group `key`
+        names (a group's key, or any of its weights')."""
         with ranged(Phase.FETCH):
             group = self.group_of[key]
             if group != self.current:
@@ -161,6 +168,8 @@ class Scheduler:
             with ranged(Phase.WAIT):
                 self.backend.wait(slot.ready)
             slot.released = None  # this read is covered by no release event yet
+            if whole_group:
+                return self.backend.read_group(group, slot.index)
             return self.backend.read(group, slot.index, key)
 
     # -- order and window ---------------------------------------------------------------------

@@ -31,12 +31,23 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def fetch(self, key: int, payload: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]: ...
 
-    def prepare(self, stores: Sequence, prefetch: int, keys: Sequence[Sequence[Hashable]]) -> None:
+    def prepare(self, stores: Sequence, prefetch: int, keys: Sequence[Sequence[Hashable]],
+                group_keys: Sequence[int] = ()) -> None:  # fmt: skip
         """Serve the weights `keys[g]` (in region order) of each group store. Streaming engines only."""
         raise TypeError(f"{type(self).__name__} does not stream groups (its `streams` is False)")
 
-    def replan(self, stores: Sequence, prefetch: int, keys: Sequence[Sequence[Hashable]]) -> None:
+    def replan(self, stores: Sequence, prefetch: int, keys: Sequence[Sequence[Hashable]],
+               group_keys: Sequence[int] = ()) -> None:  # fmt: skip
         """Serve another set of groups of the same model (set_budget). Streaming engines only."""
+        raise TypeError(f"{type(self).__name__} does not stream groups (its `streams` is False)")
+
+    def fetch_group(self, group_key: int, device: torch.device) -> torch.Tensor:
+        """All of a group's bytes on `device`, handed over. Streaming engines only."""
+        raise TypeError(f"{type(self).__name__} does not stream groups (its `streams` is False)")
+
+    def group_bytes(self, group_key: int) -> tuple[torch.Tensor, bool]:
+        """A group's bytes for eager code (may be shared by the group's weights), and whether this
+        call copied them. Streaming engines only."""
         raise TypeError(f"{type(self).__name__} does not stream groups (its `streams` is False)")
 
     def invalidate(self) -> None:

@@ -162,7 +162,7 @@ class _NoReleaseWait(Scheduler):
 class _NoReadyWait(Scheduler):
     """Planted race: reads a slot without waiting for its copy."""
 
-    def fetch(self, key):
+    def fetch(self, key, whole_group=False):
         group = self.group_of[key]
         if group != self.current:
             self._move_to(group)
