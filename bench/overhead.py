@@ -7,7 +7,9 @@ so the ratio is the cost of the wrapper itself: dispatch, plus flattening the su
 compiled graph's boundary; except `flux-tiny-streamed`, whose every group the streaming engine
 serves (fake backend: real copies, a virtual clock), so its overhead is the host cost of fetching.
 
-    python bench/overhead.py [--rounds 15] [--threads N] [--out bench/results]
+`compiled-blocks` (flux models): `compile_repeated_blocks(fullgraph=True)` on both sides.
+
+    python bench/overhead.py [--rounds 15] [--threads N] [--only MODEL ...] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -53,6 +55,18 @@ MODELS = {
 }
 
 
+def modes(name: str) -> tuple[str, ...]:
+    return ("eager", "compiled", "compiled-blocks") if name.startswith("flux") else ("eager", "compiled")
+
+
+def compiled(model: nn.Module, mode: str):
+    if mode == "compiled":
+        return torch.compile(model, fullgraph=True)
+    if mode == "compiled-blocks":
+        model.compile_repeated_blocks(fullgraph=True)
+    return model
+
+
 def wrap_options(name: str) -> dict:
     if name.endswith("-streamed"):
         from offload_tensor.engine.fake import FakeBackend
@@ -80,19 +94,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--only", nargs="+", choices=list(MODELS), default=list(MODELS), help="measure only these")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     rows = []
-    for name, build in MODELS.items():
-        for mode in ("eager", "compiled"):
+    for name in args.only:
+        build = MODELS[name]
+        for mode in modes(name):
             torch._dynamo.reset()
             plain, inputs = build()
             wrapped, _ = build()
             wrap_model_for_offload(wrapped, device="cpu", **wrap_options(name))
-            if mode == "compiled":
-                plain, wrapped = torch.compile(plain, fullgraph=True), torch.compile(wrapped, fullgraph=True)
+            plain, wrapped = compiled(plain, mode), compiled(wrapped, mode)
             for fn in (plain, wrapped):  # warm up (and compile)
                 step_time(fn, inputs, 3)
             steps = calibrate(plain, inputs)
@@ -129,7 +144,7 @@ def main() -> None:
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["python", *sys.argv]),
-        "targets": {"eager": 1.05, "compiled": 1.02},
+        "targets": {"eager": 1.05, "compiled": 1.02, "compiled-blocks": 1.02},
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +170,8 @@ def main() -> None:
         eager_op = floor["eager"]["overhead_us_per_step"] / 8  # its 8 F.linear calls
         compiled_weight = floor["compiled"]["overhead_us_per_step"] / floor["compiled"]["weights"]
         flux_pct = " (eager) and ".join(
-            f"{(row['ratio_median'] - 1) * 100:.0f}%" for row in rows if row["model"] == "flux-tiny"
+            f"{(row['ratio_median'] - 1) * 100:.0f}%" for row in rows
+            if row["model"] == "flux-tiny" and row["mode"] in ("eager", "compiled")
         ) + " (compiled)"
         lines += [
             "",

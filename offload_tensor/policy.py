@@ -262,13 +262,19 @@ def _max_memory(max_memory, device: torch.device) -> tuple[int | None, int | Non
     return budget, ram
 
 
+# The device backend is written against torch's device-generic streams and events, but only CUDA
+# and the CPU have run it; MPS would take the synchronous engine (its events work on the default
+# stream only).
+UNRUN = "xpu and mps are not supported yet."
+
+
 def _planned_device(device) -> torch.device:
     try:
         resolved = torch.device(device if device is not None else "cuda")
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device={device!r} is not a device; use 'cuda', 'cuda:N' or 'cpu'.") from e
     if resolved.type not in ("cuda", "cpu"):
-        raise ValueError(f"device={device!r}: offload_tensor computes on 'cuda' or 'cpu'.")
+        raise ValueError(f"device={device!r}: offload_tensor computes on 'cuda' (ROCm included) or 'cpu'; {UNRUN}")
     return resolved
 
 
@@ -297,5 +303,5 @@ def compute_device(device: str | torch.device | None) -> torch.device:
             raise ValueError(f"device={device!r} asks for CUDA, which is not available here; use device='cpu' or None.")
         return torch.device("cuda", torch.cuda.current_device() if resolved.index is None else resolved.index)
     if resolved.type != "cpu":
-        raise ValueError(f"device={device!r}: offload_tensor computes on 'cuda' or 'cpu'.")
+        raise ValueError(f"device={device!r}: offload_tensor computes on 'cuda' (ROCm included) or 'cpu'; {UNRUN}")
     return resolved

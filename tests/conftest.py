@@ -1,4 +1,5 @@
 import contextlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import offload_tensor.ops as ops
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The workers share the machine's cores (`-n 2` on 2 cores): one intra-op thread each, and
+    # for the processes tests start. Two threads per worker wait at every op's barrier for a
+    # thread the other worker's descheduled (a tiny 6-block Flux forward: 7 ms vs 540 ms).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

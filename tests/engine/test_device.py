@@ -54,3 +54,12 @@ def test_device_backend_serves_a_new_budget():
     for budget in (full.minimum_budget + full.weight_bytes // 2, full.minimum_budget):
         set_budget(model, budget)
         assert torch.equal(run(model), run(plain))
+
+
+def test_device_backend_serves_weights_read_outside_a_forward():
+    """A weight read outside a forward (a visit of its group of its own) equals the plain weight."""
+    plain = FLUX.make()
+    model = wrap_model_for_offload(FLUX.make(), engine=StreamingEngine(DeviceBackend(CPU)), granularity="block")
+    names = dict(model.named_parameters())
+    for name, p in plain.named_parameters():
+        assert torch.equal(names[name] * 1, p * 1), name
