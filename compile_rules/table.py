@@ -163,9 +163,16 @@ def materialize(func, args: tuple, kwargs: dict):
             linear = resolved[1].linear_override()
             if linear is not None:  # a payload that runs F.linear its own way (see OffloadedTensor)
                 return linear(*resolved, **kwargs)
-        resolved = [_fetched(a, after) for a in resolved]
-    if kwargs:
+        weights, resolved = resolved, [_fetched(a, after) for a in resolved]
+    else:
+        weights = None
+    kw_weights = None
+    if kwargs and any(isinstance(v, Offloaded) for v in kwargs.values()):
+        kw_weights = kwargs
         kwargs = {k: v.materialize(after) if isinstance(v, Offloaded) else v for k, v in kwargs.items()}
+    if torch.is_grad_enabled() and (weights or kw_weights) and not torch.compiler.is_compiling():
+        if _needs_grad(resolved) or _needs_grad(list(kwargs.values())):
+            return _saving_no_fetched_weight(func, weights or (), resolved, kw_weights or {}, kwargs)
     return func(*resolved, **kwargs)
 
 
@@ -202,6 +209,102 @@ def _fetched(a, after):
     if isinstance(a, (list, tuple)):
         return [t.materialize(after) if isinstance(t, Offloaded) else t for t in a]
     return a
+
+
+# [Note: backward fetches again]
+# Autograd saves what an op needs for its input gradient: F.linear saves its weight, so a fetched
+# weight would stay alive from forward to backward, every one of them (the offloading gone while
+# training). Instead, while an op that met fetched weights runs with grad, saved-tensor hooks are
+# pushed around it: a tensor it saves that is one of its fetched weights (or a view of one) is
+# saved as that weight and the view's geometry, and backward fetches the weight again through
+# the same engine, in backward order (the scheduler learns forward and backward as one cycle).
+# Any other saved tensor goes to the hooks that were active (torch.utils.checkpoint's, a user's),
+# or is saved as it is. The hooks cover this op's fetched weights only, and exist only in eager
+# code: in compiled code the op is traced, and aten ops reached through __torch_dispatch__ run
+# below autograd, which saved the offloaded weight itself (backward dispatches again, and
+# fetches). Offloaded weights are frozen, so no weight gradient is ever asked of them.
+_push_saved_hooks = torch._C._autograd._push_saved_tensors_default_hooks
+_pop_saved_hooks = torch._C._autograd._pop_saved_tensors_default_hooks
+_top_saved_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+_saved_hooks_enabled = torch._C._autograd._saved_tensors_hooks_is_enabled
+
+
+def _needs_grad(args: list) -> bool:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.requires_grad:
+                return True
+        elif isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.requires_grad for t in a):
+            return True
+    return False
+
+
+class _Refetch:
+    """A saved fetched weight: the weight, and the saved view's geometry relative to its fetch."""
+
+    __slots__ = ("weight", "size", "stride", "offset")
+
+    def __init__(self, weight: Offloaded, size: torch.Size, stride: tuple[int, ...], offset: int) -> None:
+        self.weight, self.size, self.stride, self.offset = weight, size, stride, offset
+
+    def fetch(self) -> torch.Tensor:
+        w = self.weight.materialize()
+        return w.as_strided(self.size, self.stride, w.storage_offset() + self.offset)
+
+
+class _Passed:
+    """A tensor the hooks that were active packed: their unpack, and what they packed."""
+
+    __slots__ = ("unpack", "packed")
+
+    def __init__(self, unpack: Callable, packed: Any) -> None:
+        self.unpack, self.packed = unpack, packed
+
+
+def _saving_no_fetched_weight(func, weights, fetched: list, kw_weights: dict, kwargs: dict):
+    """`func(*fetched, **kwargs)`, with no fetched weight (`weights` and `kw_weights`, before
+    their fetch) saved for backward (see the note)."""
+    if not _saved_hooks_enabled():  # functorch transforms disable saved-tensor hooks
+        return func(*fetched, **kwargs)
+    by_storage: dict[int, tuple[Offloaded, torch.Tensor]] = {}
+
+    def remember(weight, tensor) -> None:
+        if isinstance(weight, Offloaded) and type(tensor) is torch.Tensor:
+            by_storage[tensor.untyped_storage()._cdata] = (weight, tensor)
+
+    for weight, tensor in zip(weights, fetched):
+        if isinstance(weight, (list, tuple)):
+            for w, t in zip(weight, tensor):
+                remember(w, t)
+        else:
+            remember(weight, tensor)
+    for k, v in kw_weights.items():
+        remember(v, kwargs[k])
+    outer = _top_saved_hooks(False)
+
+    def pack(t):
+        if type(t) is torch.Tensor:
+            hit = by_storage.get(t.untyped_storage()._cdata)
+            if hit is not None and hit[1].dtype == t.dtype:
+                return _Refetch(hit[0], t.size(), t.stride(), t.storage_offset() - hit[1].storage_offset())
+        return t if outer is None else _Passed(outer[1], outer[0](t))
+
+    _push_saved_hooks(pack, _unpack)
+    try:
+        return func(*fetched, **kwargs)
+    finally:
+        _pop_saved_hooks()
+        # Autograd keeps the hooks (this `pack` too) with each tensor they packed, until
+        # backward: `pack` must not keep the fetched weights alive.
+        by_storage.clear()
+
+
+def _unpack(saved):
+    if type(saved) is _Refetch:
+        return saved.fetch()
+    if type(saved) is _Passed:
+        return saved.unpack(saved.packed)
+    return saved
 
 
 is_jit_tracing = getattr(torch._C, "_is_tracing", None) or torch.jit.is_tracing  # the fast one where it exists

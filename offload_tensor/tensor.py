@@ -190,6 +190,11 @@ class OffloadedTensor(Offloaded):
                 group = ops.group_bytes(self._gkey)
             return [region.view(group) for region in self._layout.regions]
         if self._key is not None:
+            if not torch.compiler.is_compiling():
+                # `after` orders compiled code only. In eager autograd the op is differentiable in
+                # it, so the fetched weight would require grad whenever the activation does, and
+                # F.linear would save its input for a weight gradient nobody needs.
+                after = None
             return torch.ops.offload_tensor.fetch(list(self._inner), self._key, after, self._compute_device)
         return self._inner
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import types
 
+import torch
 from torch import nn
 
 from offload_tensor.integrations.registry import Integration, RemoveAttributes, WrapOps, from_library, register
@@ -61,6 +62,11 @@ def install(model: nn.Module, ops: WrapOps):
             model.__dict__[method] = Refused(method, type(model).__name__, "unwrap_model(model)")
             added.append(method)
     undo = [RemoveAttributes([model], tuple(added))]
+    repeated = tuple(getattr(model, "_repeated_blocks", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in repeated and "forward" not in m.__dict__]
+    for block in blocks:
+        block.__dict__["forward"] = _own_outputs(block)
+    undo.append(RemoveAttributes(blocks, ("forward",)))
     for owner, methods in [(model, _FUSION), *((m, _MODULE_FUSION) for m in model.modules() if m is not model)]:
         present = tuple(name for name in methods if callable(getattr(owner, name, None)))
         for name in present:
@@ -68,6 +74,59 @@ def install(model: nn.Module, ops: WrapOps):
         if present:
             undo.append(RemoveAttributes([owner], present))
     return _Undo(undo)
+
+
+class _OwnOutputs:
+    """A repeated block's forward on a wrapped model: the block's own, whose outputs, in compiled
+    code that trains, share no memory with one another.
+
+    [Note: aliased outputs of a compiled block]
+    `compile_repeated_blocks` compiles each block's forward. A Flux single-stream block returns two
+    slices of one tensor; when they require grad, AOTAutograd returns their base as an extra
+    output and regenerates the slices from it, and it refuses that whenever any input of the
+    graph is a tensor subclass ("output aliasing ... if there are any subclass outputs": its check
+    counts subclass inputs too). The block's offloaded weights are its graph's inputs, so a
+    wrapped block that trains was refused, where the plain one compiles. So in compiled code with
+    grad, every output that is a view requiring grad except the last is cloned: the last is then
+    the only output aliasing its base (which AOTAutograd hides from autograd without an extra
+    output), the graph has no aliased outputs, and inductor writes the clone from the kernel that
+    computes its base. Eager code, and inference, get the block's outputs as they are.
+
+    Dynamo keeps compiled code per code object, and compiles this `__call__` where it compiled the
+    block's forward: each block class gets a subclass whose `__call__` is a code object of its
+    own (`_own_outputs`), or the classes would share one cache and recompile for one another.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block, self.forward = block, type(block).forward  # the function: dynamo traces it
+
+    def __call__(self, *args, **kwargs):
+        out = self.forward(self.block, *args, **kwargs)
+        if not torch.compiler.is_compiling() or not torch.is_grad_enabled() or not isinstance(out, tuple):
+            return out
+        views = [i for i, o in enumerate(out) if _differentiable_view(o)]
+        return tuple(o.clone() if i in views[:-1] else o for i, o in enumerate(out))
+
+    def __reduce__(self):  # pickles and deep-copies as the block it serves
+        return _own_outputs, (self.block,)
+
+
+_OWN_OUTPUTS: dict[type, type] = {}
+
+
+def _own_outputs(block: nn.Module) -> _OwnOutputs:
+    kind = _OWN_OUTPUTS.get(type(block))
+    if kind is None:
+        call = _OwnOutputs.__call__
+        code = call.__code__.replace(co_name=f"{type(block).__name__}_forward")
+        own_call = types.FunctionType(code, call.__globals__, code.co_name, call.__defaults__, call.__closure__)
+        kind = _OWN_OUTPUTS[type(block)] = type(f"_OwnOutputs_{type(block).__name__}", (_OwnOutputs,),
+                                                {"__call__": own_call})  # fmt: skip
+    return kind(block)
+
+
+def _differentiable_view(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad and t._base is not None
 
 
 class _Fusing:
