@@ -181,6 +181,89 @@ def _install_group_pass() -> None:
 _install_group_pass()
 
 
+# [Note: backward fetches again, compiled]
+# AOTAutograd traces forward and backward as one joint graph, then partitions it: whatever the
+# backward reads of the forward is saved, so every fetched weight a backward op needs (F.linear's
+# input gradient reads its weight) would live from the forward's fetch to its backward use, most
+# of the model at the turn. Before partitioning, this pass gives each backward op that reads a
+# forward value computed from fetched weights alone (a fetch, views of its bytes, a decode) a copy
+# of that computation of its own, whose fetch is ordered (`after`) behind one of the op's backward
+# inputs: backward fetches where it uses a weight, the partitioner saves no fetched weight (only
+# the graph's inputs: payloads and keys), and the post-grad pass keeps one fetch per group in the
+# backward graph as in the forward one. The same as eager code's saved-tensor hooks (see [Note:
+# backward fetches again] in compile_rules.table), for compiled code.
+_AFTER_ARG = {torch.ops.offload_tensor.fetch.default: 2, torch.ops.offload_tensor.fetch_group.default: 1}
+
+
+def refetch_in_backward(gm: torch.fx.GraphModule) -> int:
+    """Rewrite a joint graph as the note above says; the number of backward reads rewritten."""
+    graph = gm.graph
+    backward: set = set()
+    from_weights: set = set()  # forward nodes computed from fetched weights alone
+    for node in graph.nodes:
+        inputs = node.all_input_nodes
+        if (node.op == "placeholder" and node.name.startswith("tangents")) or any(a in backward for a in inputs):
+            backward.add(node)
+        elif node.op == "call_function" and (
+            node.target in _AFTER_ARG or (inputs and all(a in from_weights for a in inputs))
+        ):
+            from_weights.add(node)
+    rewritten = 0
+    for user in [n for n in graph.nodes if n in backward and n.op == "call_function"]:
+        used = [a for a in user.all_input_nodes if a in from_weights]
+        anchor = next((a for a in user.all_input_nodes if a in backward), None)
+        if not used or anchor is None:
+            continue
+        copies: dict = {}
+        for node in used:
+            user.replace_input_with(node, _replay(graph, node, user, anchor, copies))
+            rewritten += 1
+    if rewritten:
+        graph.eliminate_dead_code()
+        graph.lint()
+        gm.recompile()
+    return rewritten
+
+
+def _replay(graph: torch.fx.Graph, node, user, anchor, copies: dict):
+    """A copy of `node`, computed from fetched weights alone, before `user`; its fetches ordered
+    behind `anchor`."""
+    if node not in copies:
+        if node.target in _AFTER_ARG:
+            args = list(node.args)
+            args[_AFTER_ARG[node.target]] = anchor
+            with graph.inserting_before(user):
+                copy = graph.call_function(node.target, tuple(args), dict(node.kwargs))
+            copy.meta = {k: v for k, v in node.meta.items() if k != "eager_input_vals"}
+        else:
+            for a in node.all_input_nodes:
+                _replay(graph, a, user, anchor, copies)
+            with graph.inserting_before(user):
+                copy = graph.node_copy(node, lambda a: copies[a])
+        copies[node] = copy
+    return copies[node]
+
+
+def _install_joint_pass() -> None:
+    """AOTAutograd's joint-graph pass (chained before one set before offload_tensor was imported).
+    AOTAutograd's cache key leaves the pass out; a graph with offloaded inputs has the source of
+    this module in its key (`OffloadedTensor._stable_hash_for_caching`)."""
+    from torch._functorch import config
+
+    current = config.joint_custom_pass
+    if getattr(current, "__name__", None) == "refetching_in_backward":
+        return
+
+    def refetching_in_backward(gm, joint_inputs):
+        refetch_in_backward(gm)
+        return current(gm, joint_inputs) if callable(current) else gm
+
+    config.joint_custom_pass = refetching_in_backward
+
+
+_install_joint_pass()
+
+
 # [Note: opaque linear]
 # Some payload subclasses cannot be rebuilt inside a compiled graph: optimum-quanto's tensors take
 # a `qtype` object in their constructor, which dynamo cannot put in a graph. For those, a compiled

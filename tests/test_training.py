@@ -2,9 +2,9 @@
 
 - A fetched weight never requires grad, so no input is saved for a weight gradient: a LoRA step
   saves the same activations (count and bytes) as the plain model's step.
-- No fetched weight is saved for backward (backward fetches it again): at the forward/backward
-  turn at most the group in use is alive, and the scheduler learns forward and backward as one
-  order (no misses once learnt).
+- No fetched weight is saved for backward (backward fetches it again), eager and compiled: at the
+  forward/backward turn at most the group in use is alive, and the scheduler learns forward and
+  backward as one order (no misses once learnt).
 - LoRA gradients are bit-equal to the plain model's on the streaming engine and the disk tier,
   with and without gradient checkpointing.
 """
@@ -126,25 +126,37 @@ class HandOverLog(FakeBackend):
         return sum(torch._C._storage_Use_Count(s._cdata) > 1 for s in self.handed)
 
 
-@pytest.mark.parametrize("prefetch", [1, 2])
-def test_no_fetched_weight_lives_from_forward_to_backward(prefetch):
+@pytest.mark.parametrize(
+    "how, prefetch", [(None, 1), (None, 2), ("blocks", 1), ("whole", 1)], ids=["eager-1", "eager-2", "blocks", "whole"]
+)
+def test_no_fetched_weight_lives_from_forward_to_backward(how, prefetch):
+    """Eager (saved-tensor hooks) and compiled (a joint-graph pass: see [Note: backward fetches
+    again, compiled]), compile_repeated_blocks and torch.compile of the whole model."""
     backend = HandOverLog()
     engine = StreamingEngine(backend)
     model = wrap_model_for_offload(FLUX.make(), engine=engine, prefetch=prefetch)
     torch.manual_seed(7)
     model.add_adapter(adapter())
+    run = model
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    if how == "blocks":
+        model.compile_repeated_blocks(fullgraph=True)
+    elif how == "whole":
+        run = torch.compile(model, fullgraph=True)
     for step in range(3):
         backend.handed.clear()
         misses = engine.scheduler.stats.misses
-        loss = loss_of(model)
+        loss = output(run(**FLUX.inputs(0))).pow(2).mean()
         forward_reads = len(backend.handed)
         # 12 groups read; without re-fetching, the 4 blocks' groups stay alive here (their
-        # linears saved their weights) besides the group in use
+        # linears saved their weights) besides the group in use (eager code's)
         assert backend.alive() <= prefetch, (step, backend.alive())
         loss.backward()
         assert len(backend.handed) > forward_reads  # backward fetched the blocks' weights again
         if step > 0:  # forward and backward learnt as one order: every group prefetched
             assert engine.scheduler.stats.misses == misses and not engine.scheduler.recording
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
 
 
 @pytest.mark.parametrize("checkpointing", [None, "torch", "diffusers", "reentrant"])
