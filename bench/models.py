@@ -5,6 +5,8 @@ shapes (`args.image_tokens`/`args.text_tokens` where given)."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 DIMS = {
@@ -16,13 +18,23 @@ DIMS = {
 }  # fmt: skip
 
 
+def dims(name: str) -> dict:
+    """`flux-dev`, `tiny`, or `flux-<n>-heads`: FLUX.1-dev's dimensions with n attention heads."""
+    if name in DIMS:
+        return DIMS[name]
+    narrowed = re.fullmatch(r"flux-(\d+)-heads", name)
+    if narrowed is None:
+        raise ValueError(f"dims={name!r}: use one of {sorted(DIMS)} or 'flux-<n>-heads'")
+    return dict(DIMS["flux-dev"], num_attention_heads=int(narrowed.group(1)))
+
+
 def build_model(args, device: str | torch.device = "cpu"):
     """The Flux-shaped bf16 transformer (random init, seeded), its weights made on `device`: on a
     GPU, 23.8 GB of FLUX.1-dev-sized weights take a second instead of minutes on the CPU. The
     same seed gives the same weights in every process on the same kind of device."""
     from diffusers import FluxTransformer2DModel
 
-    cfg = dict(DIMS[getattr(args, "dims", "flux-dev")], num_layers=args.double, num_single_layers=args.single)
+    cfg = dict(dims(getattr(args, "dims", "flux-dev")), num_layers=args.double, num_single_layers=args.single)
     with torch.device("meta"):
         model = FluxTransformer2DModel(**cfg).to(torch.bfloat16)
     model = model.to_empty(device=device)

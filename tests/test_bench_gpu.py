@@ -47,6 +47,10 @@ def test_dry_run_runs_every_phase_and_writes_every_section(tmp_path):
     assert result["gpu_tests"]["returncode"] == 0 and result["gpu_tests"]["tests"] > 0
     assert result["profile"]["fetch_ranges"] > 0 and sum(result["profile"]["offload_ops"].values()) > 0
     assert result["cudagraph"]["equal_to_default"]
+    train = {r["name"]: r for r in result["train"]}
+    assert set(train) == {"train_resident", "train_ours_b0", "train_ours_b50"}, train
+    assert all(r["step_s"] > 0 and r["lora_tensors"] > 0 for r in train.values()), train
+    assert all("grads_max_rel_diff" in train[n] for n in ("train_ours_b0", "train_ours_b50")), train
     assert {v["verdict"] for v in result["verdicts"]} <= {"met", "not met"}
     markdown = (tmp_path / "gpu-check.md").read_text()
     assert "## Targets" in markdown and "Dry run on the CPU" in markdown

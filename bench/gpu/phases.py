@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -465,6 +466,85 @@ def cudagraph(spec: Spec, phase: str) -> None:
                            blocks=s.small_double + s.small_single, backend=s.backend, **compile_counts()))  # fmt: skip
 
 
+# -- training (issue: training adapters) -------------------------------------------------------
+def train(spec: Spec, phase: str) -> None:
+    """A LoRA training step (r=16 on the attention projections, MSE against a random target) of the
+    measured model, `compile_repeated_blocks(fullgraph=True)`: resident, then ours at budgets 0 and
+    50% of the weights. Step time, peak device memory over the step, host RSS, and the LoRA
+    gradients against the resident model's (bf16, compiled: equal, or how far)."""
+    from peft import LoraConfig
+
+    from offload_tensor import set_budget
+
+    s, device = spec.scale, torch.device(spec.device)
+    lora = dict(r=16, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    reference = None
+    for method, fractions in (("resident", (None,)), ("ours", (0.0, 0.5))):
+        model, inputs = model_and_inputs(spec)
+        total = weight_bytes(model)
+        if method == "ours":
+            model = wrap_ours(model, spec, phase, prefetch=1)
+            if spec.cuda:
+                torch.cuda.empty_cache()
+        torch.manual_seed(7)
+        model.add_adapter(LoraConfig(**lora))
+        model.train().compile_repeated_blocks(fullgraph=True, backend=s.backend)
+        target = torch.randn(inputs["hidden_states"].shape, generator=torch.Generator().manual_seed(3)).to(device)
+        for fraction in fractions:
+            name = f"train_{method}" + ("" if fraction is None else f"_b{round(fraction * 100)}")
+            fields = dict(kind="train", name=name, method=method, budget_fraction=fraction, weight_bytes=total)
+            try:
+                if fraction:
+                    set_budget(model, int(fraction * total))
+                record, grads = _train_steps(model, inputs, target, device, s.warmup, s.steps)
+                fields |= record | compile_counts()
+                if method == "ours":
+                    fields |= ours_fields(model) | _compare_grads(grads, reference)
+                else:
+                    reference = grads
+            except Exception as e:  # one configuration failing must not hide the others
+                fields["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            emit(spec, phase, fields)
+        del model
+        if spec.cuda:
+            torch.cuda.empty_cache()
+
+
+def _train_steps(model, inputs: dict, target, device: torch.device, warmup: int, steps: int):
+    times, first, peaks = [], None, []
+    for step in range(warmup + steps):
+        model.zero_grad(set_to_none=True)
+        measure.sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        out = measure.first_output(model(**inputs))
+        torch.nn.functional.mse_loss(out.float(), target.float()).backward()
+        del out
+        measure.sync(device)
+        elapsed = time.perf_counter() - start
+        first = elapsed if step == 0 else first
+        if step >= warmup:
+            times.append(elapsed)
+            if device.type == "cuda":
+                peaks.append(torch.cuda.max_memory_allocated(device) - before)
+    grads = {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    record = dict(step_s=statistics.median(times), step_s_all=times, first_step_s=first, lora_tensors=len(grads),
+                  peak_vram_rise_bytes=max(peaks) if peaks else None, **measure.host_memory())  # fmt: skip
+    return record, grads
+
+
+def _compare_grads(grads: dict, reference: dict | None) -> dict:
+    if reference is None:
+        return dict(grads_vs_resident="no reference (the resident step failed)")
+    if grads.keys() != reference.keys():
+        return dict(grads_vs_resident="different LoRA parameters")
+    worst = max(((grads[k] - reference[k]).abs().max() / reference[k].abs().max().clamp(min=1e-30)).item()
+                for k in grads)  # fmt: skip
+    return dict(grads_equal=all(torch.equal(grads[k], reference[k]) for k in grads), grads_max_rel_diff=worst)
+
+
 PHASES = {
     "environment": environment,
     "resident": resident,
@@ -474,6 +554,7 @@ PHASES = {
     "stress": stress,
     "profile": profile,
     "cudagraph": cudagraph,
+    "train": train,
 }
 
 

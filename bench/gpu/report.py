@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bench.gpu.config import TARGETS
 
-SECTIONS = ("environment", "gpu_tests", "configs", "correctness", "stress", "profile", "cudagraph", "verdicts")
+SECTIONS = ("environment", "gpu_tests", "configs", "correctness", "stress", "profile", "cudagraph", "train", "verdicts")
 HEADLINE = "ours_p1_b0"  # ours, compiled, budget 0 (every group streamed), prefetch 1
 PEERS = ("diffusers_block_stream", "diffusers_block_stream_crb")
 
@@ -173,7 +173,7 @@ def markdown(result: dict) -> str:
     lines += ["", "## Targets", "", "| target | measured | verdict |", "|---|---:|---|"]
     lines += [f"| {v['target']} | {v['shown']} | {v['verdict']} |" for v in result["verdicts"]]
     lines += _tests(result["gpu_tests"]) + _stress(result["stress"]) + _profile(result["profile"])
-    lines += _cudagraph(result["cudagraph"])
+    lines += _cudagraph(result["cudagraph"]) + _train(result["train"])
     return "\n".join(lines) + "\n"
 
 
@@ -245,6 +245,29 @@ def _cudagraph(g: dict) -> list[str]:
                  f"{g.get('graph_partition')}; fetch op tagged cudagraph_unsafe: {g.get('cudagraph_unsafe_tag')}.")
     lines += [f"- log: {m}" for m in g.get("messages", [])[:8]]
     lines.append("- What the engine needs for captured copies: bench/gpu/README.md, \"CUDA graphs\".")
+    return lines
+
+
+def _train(rows) -> list[str]:
+    lines = ["", "## LoRA training step (compile_repeated_blocks)", ""]
+    if isinstance(rows, dict):
+        return lines + _status(rows)
+    lines += ["| config | step s | x resident | peak VRAM rise over the step | host RSS | LoRA grads vs resident |",
+              "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    resident = next((r for r in rows if r.get("method") == "resident" and "step_s" in r), None)
+    for r in rows:
+        if "step_s" not in r:
+            lines.append(f"| {r['name']} | failed: {r.get('error', 'no figure')[:120]} | | | | |")
+            continue
+        ratio = r["step_s"] / resident["step_s"] if resident else None
+        if r.get("method") == "resident":
+            grads = "-"
+        elif "grads_equal" in r:
+            grads = "equal" if r["grads_equal"] else f"max rel {r['grads_max_rel_diff']:.1e}"
+        else:
+            grads = r.get("grads_vs_resident", "-")
+        lines.append(f"| {r['name']} | {_s(r['step_s'])} | {_s(ratio, 2)} | {_bytes(r.get('peak_vram_rise_bytes'))} | "
+                     f"{_bytes(r.get('rss_bytes'))} | {grads} |")  # fmt: skip
     return lines
 
 

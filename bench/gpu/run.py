@@ -137,6 +137,7 @@ def check(out: Path, dry_run: bool, phases: list[str], deadline_s: float, work: 
         stress=stress,
         profile=section("profile"),
         cudagraph=section("cudagraph"),
+        train=[r for r in every if r.get("kind") == "train"] or section("train"),
         verdicts=report.verdicts(configs, stress),
     )
     result["wall_s"] = time.perf_counter() - began
