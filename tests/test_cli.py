@@ -4,6 +4,7 @@ input ending with exit status 2 and one line, no traceback."""
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +29,9 @@ def test_help_and_version_are_fast_and_import_no_torch():
     assert probe.stdout.strip().splitlines() == [probe.stdout.strip().splitlines()[0], "False"]
     assert probe.stdout.startswith("offload-tensor ")
     assert time.perf_counter() - start < 20
-    entry = subprocess.run(["offload-tensor", "--version"], capture_output=True, text=True)
+    # the installed entry point beside this interpreter (the venv need not be on PATH)
+    script = Path(sys.executable).parent / "offload-tensor"
+    entry = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert entry.returncode == 0 and entry.stdout.startswith("offload-tensor ")
 
 
