@@ -293,3 +293,39 @@ def test_compiled_lora_over_a_frozen_quantized_base(kind):
     assert grads.keys() == expected.keys()
     for n, g in grads.items():
         assert (g - expected[n]).abs().max() <= 1e-4 * expected[n].abs().max(), n
+
+
+@pytest.mark.filterwarnings("ignore:TorchaoLoraLinear was instantiated")
+@pytest.mark.parametrize(
+    "kind, how",
+    [(k, "eager") for k in FROZEN_BASES]
+    + [
+        ("fp8", "blocks"),
+        ("quanto-qint8", "blocks"),
+        pytest.param(
+            "torchao-int8wo", "blocks",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="measured: 5 groups alive at the turn (the blocks' groups) with compile_repeated_blocks over a "
+                "torchao int8 weight-only base: the compiled backward keeps values of fetched torchao weights, which "
+                "the joint-graph pass ([Note: backward fetches again, compiled]) does not give their own fetch; "
+                "cause inside the pass not found yet (eager: 1)",
+            ),
+        ),
+    ],
+)  # fmt: skip
+def test_no_fetched_quantized_weight_lives_from_forward_to_backward(kind, how):
+    backend = HandOverLog()
+    wrapped = frozen_base(kind)
+    storage = {"storage_dtype": torch.float8_e4m3fn} if kind == "fp8" else {}
+    wrap_model_for_offload(wrapped, engine=StreamingEngine(backend), prefetch=1, **storage)
+    torch.manual_seed(7)
+    wrapped.add_adapter(adapter())
+    torch._dynamo.reset()
+    if how == "blocks":
+        wrapped.compile_repeated_blocks(fullgraph=True)
+    for step in range(2):
+        backend.handed.clear()
+        loss = output(wrapped(**FLUX.inputs(0))).pow(2).mean()
+        assert backend.alive() <= 1, (step, backend.alive())
+        loss.backward()
