@@ -240,15 +240,18 @@ def _needs_grad(args: list) -> bool:
 
 
 class _Refetch:
-    """A saved fetched weight: the weight, and the saved view's geometry relative to its fetch."""
+    """A saved fetched weight: the weight, and the saved view's geometry relative to its fetch
+    (`size` None: the fetched tensor itself, a quantized subclass)."""
 
     __slots__ = ("weight", "size", "stride", "offset")
 
-    def __init__(self, weight: Offloaded, size: torch.Size, stride: tuple[int, ...], offset: int) -> None:
+    def __init__(self, weight: Offloaded, size: torch.Size | None, stride: tuple[int, ...], offset: int) -> None:
         self.weight, self.size, self.stride, self.offset = weight, size, stride, offset
 
     def fetch(self) -> torch.Tensor:
         w = self.weight.materialize()
+        if self.size is None:  # the fetched quantized subclass itself
+            return w
         return w.as_strided(self.size, self.stride, w.storage_offset() + self.offset)
 
 
@@ -267,10 +270,17 @@ def _saving_no_fetched_weight(func, weights, fetched: list, kw_weights: dict, kw
     if not _saved_hooks_enabled():  # functorch transforms disable saved-tensor hooks
         return func(*fetched, **kwargs)
     by_storage: dict[int, tuple[Offloaded, torch.Tensor]] = {}
+    # A quantized weight is fetched as its own subclass (quanto's QBytesTensor, which quanto's
+    # linear saves as it is), which has no storage to match views by: matched as that object.
+    by_id: dict[int, Offloaded] = {}
 
     def remember(weight, tensor) -> None:
-        if isinstance(weight, Offloaded) and type(tensor) is torch.Tensor:
+        if not isinstance(weight, Offloaded):
+            return
+        if type(tensor) is torch.Tensor:
             by_storage[tensor.untyped_storage()._cdata] = (weight, tensor)
+        elif isinstance(tensor, torch.Tensor):
+            by_id[id(tensor)] = weight
 
     for weight, tensor in zip(weights, fetched):
         if isinstance(weight, (list, tuple)):
@@ -287,6 +297,8 @@ def _saving_no_fetched_weight(func, weights, fetched: list, kw_weights: dict, kw
             hit = by_storage.get(t.untyped_storage()._cdata)
             if hit is not None and hit[1].dtype == t.dtype:
                 return _Refetch(hit[0], t.size(), t.stride(), t.storage_offset() - hit[1].storage_offset())
+        elif id(t) in by_id:
+            return _Refetch(by_id[id(t)], None, (), 0)
         return t if outer is None else _Passed(outer[1], outer[0](t))
 
     _push_saved_hooks(pack, _unpack)
@@ -297,6 +309,7 @@ def _saving_no_fetched_weight(func, weights, fetched: list, kw_weights: dict, kw
         # Autograd keeps the hooks (this `pack` too) with each tensor they packed, until
         # backward: `pack` must not keep the fetched weights alive.
         by_storage.clear()
+        by_id.clear()
 
 
 def _unpack(saved):

@@ -299,3 +299,36 @@ def subclass_linear(
 @subclass_linear.register_fake
 def _(input, inner, bias, spec):
     return torch.nn.functional.linear(input, _rebuild(json.loads(spec), inner)[0], bias)
+
+
+# Training through an opaque linear: the input gradient is `grad @ weight` with the payload's own
+# kernel (quanto's QuantizedLinearFunction.backward computes the same matmul). The inner tensors it
+# needs are fetched values, which the joint-graph pass fetches again in backward ([Note: backward
+# fetches again, compiled]); the weight itself is frozen, so no weight gradient.
+@torch.library.custom_op("offload_tensor::subclass_linear_input_grad", mutates_args=(), tags=_TAGS)
+def subclass_linear_input_grad(grad: torch.Tensor, inner: list[torch.Tensor], spec: str) -> torch.Tensor:
+    """grad @ <payload rebuilt from inner by spec>: F.linear's gradient for its input."""
+    return torch.matmul(grad, _rebuild(json.loads(spec), inner)[0])
+
+
+@subclass_linear_input_grad.register_fake
+def _(grad, inner, spec):
+    return torch.matmul(grad, _rebuild(json.loads(spec), inner)[0])
+
+
+def _subclass_linear_setup(ctx, inputs, output) -> None:
+    _, inner, _, spec = inputs
+    ctx.save_for_backward(*inner)
+    ctx.spec = spec
+
+
+def _subclass_linear_backward(ctx, grad):
+    input_grad = bias_grad = None
+    if ctx.needs_input_grad[0]:
+        input_grad = subclass_linear_input_grad(grad, list(ctx.saved_tensors), ctx.spec)
+    if ctx.needs_input_grad[2]:
+        bias_grad = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return input_grad, [None] * len(ctx.saved_tensors), bias_grad, None
+
+
+subclass_linear.register_autograd(_subclass_linear_backward, setup_context=_subclass_linear_setup)

@@ -71,19 +71,27 @@ def lora_grads(model, checkpointing: str | None = None) -> dict[str, torch.Tenso
     return grads
 
 
+def storages(t: torch.Tensor) -> list:
+    """The storages holding a tensor's values: its own, or its inner tensors' for a traceable
+    subclass (a quantized weight)."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return [t.untyped_storage()]
+    names = t._inner if isinstance(t, OffloadedTensor) else t.__tensor_flatten__()[0]
+    inner = names if isinstance(t, OffloadedTensor) else [getattr(t, n) for n in names]
+    return [s for i in inner if i is not None for s in storages(i)]
+
+
 def saved_activations(model) -> tuple[int, int]:
-    """Count and bytes of what one step saves for backward, weights aside (a plain weight or an
-    offloaded weight's payload: memory the model holds anyway)."""
-    weights = set()
-    for p in model.parameters():
-        for t in p._inner if isinstance(p, OffloadedTensor) else (p,):
-            weights.add(t.untyped_storage()._cdata)
+    """Count and bytes of what one step saves for backward, weights aside (a plain or quantized
+    weight, or an offloaded weight's payload: memory the model holds anyway)."""
+    weights = {s._cdata for p in model.parameters() for s in storages(p)}
     count = nbytes = 0
 
     def pack(t):
         nonlocal count, nbytes
-        if t.untyped_storage()._cdata not in weights:
-            count, nbytes = count + 1, nbytes + t.untyped_storage().nbytes()
+        for s in storages(t):
+            if s._cdata not in weights:
+                count, nbytes = count + 1, nbytes + s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -205,3 +213,119 @@ def test_compiled_training_matches_the_plain_compiled_model(how, tier, tmp_path)
     assert grads.keys() == expected.keys()
     for n, g in grads.items():
         assert (g - expected[n]).abs().max() <= 1e-4 * expected[n].abs().max(), n
+
+
+# -- frozen fp8 and quantized bases (QLoRA-style) ------------------------------------------------
+FROZEN_BASES = ["fp8", "torchao-int8wo", "quanto-qint8"]
+
+
+def frozen_base(kind: str):
+    """The tiny Flux with its weights as `kind` stores them, not wrapped: fp8 storage decodes to
+    plain weights (the plain model holds the decoded values), torchao and quanto keep their
+    quantized subclass."""
+    model = FLUX.make()
+    if kind == "torchao-int8wo":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig())
+    elif kind == "quanto-qint8":
+        quanto = pytest.importorskip("optimum.quanto")
+        quanto.quantize(model, weights=quanto.qint8)
+        quanto.freeze(model)
+    return model
+
+
+def lora_frozen_base(kind: str, tier: str | None, tmp_path=None):
+    """(the un-offloaded model holding the same values, the wrapped model), each with the same
+    LoRA on its attention projections."""
+    wrapped = frozen_base(kind)
+    storage = {"storage_dtype": torch.float8_e4m3fn} if kind == "fp8" else {}
+    if tier == "disk":
+        wrap_model_for_offload(wrapped, offload="disk", disk_path=tmp_path, **storage)
+    else:
+        wrap_model_for_offload(wrapped, engine=engine_for(tier), prefetch=1, **storage)
+    plain = frozen_base(kind)
+    if kind == "fp8":  # the plain model holds the decoded fp8 values
+        with torch.no_grad():
+            plain.load_state_dict({n: p.materialize().clone() for n, p in wrapped.named_parameters()})
+        decoded, original = (m.transformer_blocks[0].attn.to_q.weight for m in (plain, FLUX.make()))
+        assert not torch.equal(decoded, original)  # fp8 changed the values: the test is not void
+    for model in (plain, wrapped):
+        torch.manual_seed(7)
+        model.add_adapter(adapter())
+    return plain, wrapped
+
+
+@pytest.mark.filterwarnings("ignore:TorchaoLoraLinear was instantiated")
+@pytest.mark.parametrize("tier", ["streaming", "disk"])
+@pytest.mark.parametrize("kind", FROZEN_BASES)
+def test_lora_over_a_frozen_quantized_base_equals_the_unwrapped_model(kind, tier, tmp_path):
+    """LoRA gradients bit-equal (the same kernels on the same values), and a step saves what the
+    unwrapped model's step saves: no fetched weight (quanto's linear saves its weight as the
+    quantized subclass: backward fetches that again too)."""
+    plain, wrapped = lora_frozen_base(kind, tier, tmp_path)
+    expected = lora_grads(plain)
+    for _ in range(2):  # the second step runs on the learnt order
+        got = lora_grads(wrapped)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[n], expected[n]) for n in expected)
+    assert saved_activations(wrapped) == saved_activations(plain)
+
+
+@pytest.mark.filterwarnings("ignore:TorchaoLoraLinear was instantiated")
+@pytest.mark.parametrize("kind", FROZEN_BASES)
+def test_compiled_lora_over_a_frozen_quantized_base(kind):
+    """compile_repeated_blocks(fullgraph=True) trains over an fp8, torchao or quanto base (quanto's
+    compiled linear is an opaque op with an autograd formula of its own): 0 graph breaks, LoRA
+    gradients within 1e-4 (max abs diff over max abs) of the unwrapped model's. fp8 is checked
+    against the plain compiled model; the unwrapped torchao model itself cannot train under
+    compile_repeated_blocks (AOTAutograd's aliased-output refusal, which the wrapped model's block
+    forward avoids: [Note: aliased outputs of a compiled block]), so the quantized ones are checked
+    against their eager gradients (compiled code orders the sums differently)."""
+    plain, wrapped = lora_frozen_base(kind, "streaming")
+    if kind == "fp8":
+        expected, plain_breaks, plain_graphs = compiled_lora_grads(plain, "blocks")
+        assert plain_breaks == 0
+    else:
+        expected, plain_graphs = lora_grads(plain), None
+    grads, breaks, graphs = compiled_lora_grads(wrapped, "blocks")
+    assert breaks == 0 and (plain_graphs is None or graphs <= plain_graphs), (breaks, graphs, plain_graphs)
+    assert grads.keys() == expected.keys()
+    for n, g in grads.items():
+        assert (g - expected[n]).abs().max() <= 1e-4 * expected[n].abs().max(), n
+
+
+@pytest.mark.filterwarnings("ignore:TorchaoLoraLinear was instantiated")
+@pytest.mark.parametrize(
+    "kind, how",
+    [(k, "eager") for k in FROZEN_BASES]
+    + [
+        ("fp8", "blocks"),
+        ("quanto-qint8", "blocks"),
+        pytest.param(
+            "torchao-int8wo", "blocks",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="measured: 5 groups alive at the turn (the blocks' groups) with compile_repeated_blocks over a "
+                "torchao int8 weight-only base: the compiled backward keeps values of fetched torchao weights, which "
+                "the joint-graph pass ([Note: backward fetches again, compiled]) does not give their own fetch; "
+                "cause inside the pass not found yet (eager: 1)",
+            ),
+        ),
+    ],
+)  # fmt: skip
+def test_no_fetched_quantized_weight_lives_from_forward_to_backward(kind, how):
+    backend = HandOverLog()
+    wrapped = frozen_base(kind)
+    storage = {"storage_dtype": torch.float8_e4m3fn} if kind == "fp8" else {}
+    wrap_model_for_offload(wrapped, engine=StreamingEngine(backend), prefetch=1, **storage)
+    torch.manual_seed(7)
+    wrapped.add_adapter(adapter())
+    torch._dynamo.reset()
+    if how == "blocks":
+        wrapped.compile_repeated_blocks(fullgraph=True)
+    for step in range(2):
+        backend.handed.clear()
+        loss = output(wrapped(**FLUX.inputs(0))).pow(2).mean()
+        assert backend.alive() <= 1, (step, backend.alive())
+        loss.backward()
