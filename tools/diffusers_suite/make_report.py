@@ -173,7 +173,11 @@ def main(results, report_path):
     lines.append("")
     known = ["core", "accel-cpu"]
     found = [
-        d for d in sorted(os.listdir(results)) if os.path.isdir(os.path.join(results, d)) and not d.startswith("src-")
+        d
+        for d in sorted(os.listdir(results))
+        if os.path.isdir(os.path.join(results, d))
+        and not d.startswith("src-")
+        and d not in ("pylib", "hub-cache")  # run.sh's test-only packages and offline Hub, not suites
     ]
     suites = [s for s in known if s in found] + [s for s in found if s not in known]
     summary_c, summary_unwrap, incomplete = [], [], []
