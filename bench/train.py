@@ -134,15 +134,25 @@ def _peak_rss() -> int:
     return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
+def grads_vs(grads: dict, reference: dict) -> dict:
+    """LoRA gradients against a reference's: bit-equal, and the largest abs difference over the
+    largest abs value of any one tensor (also used by `python -m bench gpu`'s training phase)."""
+    import torch
+
+    if grads.keys() != reference.keys():
+        return dict(equal=False, why="different LoRA parameters")
+    worst = max(
+        ((grads[k].double() - reference[k].double()).abs().max() / reference[k].double().abs().max().clamp(min=1e-30))
+        .item()
+        for k in grads
+    )
+    return dict(equal=all(torch.equal(grads[k], reference[k]) for k in grads), max_rel_diff=worst)
+
+
 def compare_grads(work: Path, config: str, reference: str) -> dict:
     import torch
 
-    a, b = torch.load(work / f"{config}.pt"), torch.load(work / f"{reference}.pt")
-    if a.keys() != b.keys():
-        return dict(vs=reference, equal=False, why="different LoRA parameters")
-    worst = max(((a[k].double() - b[k].double()).abs().max() / b[k].double().abs().max().clamp(min=1e-30)).item()
-                for k in a)  # fmt: skip
-    return dict(vs=reference, equal=all(torch.equal(a[k], b[k]) for k in a), max_rel_diff=worst)
+    return dict(vs=reference) | grads_vs(torch.load(work / f"{config}.pt"), torch.load(work / f"{reference}.pt"))
 
 
 def main() -> None:
